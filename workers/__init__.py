@@ -1,0 +1,33 @@
+"""Exact infinite-width kernels of Arora et al. 2019, computed on blocks of images.
+
+Public API (shapes: images are (n, P, Q, C) floats, preprocessed; kernels are (max_depth - 1, n, m)):
+
+    from workers import kernel_block, preprocess, channel_stats, targets
+    k = kernel_block(x, y, archs=("vanilla", "gap"), max_depth=21)   # dict "ntk-vanilla" -> (20, n, m)
+    k["ntk-vanilla"][6 - 2]   # CNTK-V of depth 6 (5 conv layers + the output layer)
+
+`archs`: "vanilla" (CNTK-V, all layers trained), "gap" (CNTK-GAP, Appendix H), "fc" (fully-connected ReLU NTK/NNGP on
+flattened images). Each comes with its NNGP ("nngp-{arch}") from the same pass. Depth d is at index d - 2.
+"""
+import numpy as np
+
+from .backends import get_backend, resolve_backend
+from .preprocess import channel_stats, preprocess, targets
+from .reference import cntk_reference, fc_reference
+
+__all__ = ["kernel_block", "channel_stats", "preprocess", "targets", "cntk_reference", "fc_reference",
+           "get_backend", "resolve_backend"]
+
+
+def kernel_block(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, backend: str = "auto",
+                 dtype=np.float32) -> dict:
+    """Kernel values for every pair (x[a], y[b]) and every depth 2..max_depth, in one pass.
+
+    x: (n, P, Q, C), y: (m, P, Q, C) or None (the Gram of x with itself). backend: "auto", "cpu" or "gpu" (GPU needs
+    32x32 images). dtype (CPU only): float32 (fast) or float64. Returns {"{kind}-{arch}": (max_depth-1, n, m)}.
+    Raises ValueError naming the problem for bad shapes, non-finite pixels, depth < 2 or an unknown architecture.
+    """
+    name = resolve_backend(backend)
+    if name == "cpu":
+        return get_backend("cpu").tile_kernels(x, y, archs=archs, max_depth=max_depth, dtype=dtype)
+    return get_backend(name).tile_kernels(x, y, archs=archs, max_depth=max_depth)

@@ -1,0 +1,207 @@
+"""Numba loops behind `workers.cpu` (displacement-slice formulation, ../docs and cntk-math.md).
+
+SIMD lanes run across LANES column images that meet the same row image: every map is stored (..., P, Q*LANES) with
+the lane index fastest, so each image row is one contiguous run of W*LANES values and every loop below is a long,
+unit-stride vector loop (the row image's maps are broadcast over the lanes once per batch). A pair's 4-D tensor splits into displacement slices (di, dj): entries (i, j, i+di, j+dj). tr_D never mixes slices, and
+inside a slice it is a 3x3 box sum over an H x W rectangle (H = P-|di|, W = Q-|dj|) with zero padding at the rectangle's
+edges. So each slice runs through all layers on its own with a handful of (H+2) x (W+2) scratch maps. Vanilla needs only
+slice (0, 0); GAP needs all (2P-1)(2Q-1) slices. The same code compiles for float32 (fast path, polynomial arccos) and
+float64 (libm arccos): the dtype of the inputs picks it.
+"""
+import math
+import os
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+JIT = dict(fastmath=True, cache=os.environ.get("CNTK_NUMBA_CACHE", "1") != "0", nogil=True)
+
+# arccos(a) = sqrt(1 - a) * poly(a) for 0 <= a <= 1, |error| <= 2e-8 (Abramowitz & Stegun 4.4.46).
+_ACOS_COEF = (1.5707963050, -0.2145988016, 0.0889789874, -0.0501743046,
+              0.0308918810, -0.0170881256, 0.0066700901, -0.0012624911)
+
+
+def acos_abs(a):
+    """arccos(a) for 0 <= a <= 1 (dtype-dispatched inside numba)."""
+    return math.acos(a)
+
+
+_A0, _A1, _A2, _A3, _A4, _A5, _A6, _A7 = (np.float32(v) for v in _ACOS_COEF)
+_ONE32 = np.float32(1.0)
+
+
+@overload(acos_abs)
+def _acos_abs_impl(a):
+    if a == types.float32:
+        def poly(a):
+            p = ((((((_A7 * a + _A6) * a + _A5) * a + _A4) * a + _A3) * a + _A2) * a + _A1) * a + _A0
+            return math.sqrt(_ONE32 - a) * p
+        return poly
+    return lambda a: math.acos(a)
+
+
+LANES = 16  # column images per batch
+
+
+@nb.njit(**JIT)
+def _box(src, dst, rows, H, W):
+    """dst[1+i, (1+j)*LANES + lane] = 3x3 box sum of src around it, for i < H, j < W.
+
+    src, dst: (P+2, (Q+2)*LANES), src with a zero halo; rows: (P+2, Q*LANES) scratch."""
+    n = W * LANES
+    for r in range(H + 2):
+        for m in range(n):
+            rows[r, m] = src[r, m] + src[r, m + LANES] + src[r, m + 2 * LANES]
+    for i in range(H):
+        for m in range(n):
+            dst[1 + i, LANES + m] = rows[i, m] + rows[i + 1, m] + rows[i + 2, m]
+
+
+@nb.njit(**JIT)
+def _zero_halo(buf, H, W):
+    buf[0, :(W + 2) * LANES] = 0
+    buf[H + 1, :(W + 2) * LANES] = 0
+    for i in range(1, H + 1):
+        buf[i, :LANES] = 0
+        buf[i, (W + 1) * LANES:(W + 2) * LANES] = 0
+
+
+@nb.njit(**JIT)
+def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_ntk, acc_nngp,
+               sig, the, kk, uu, rows, rsum_u, rsum_k):
+    """Run displacement slice (di, dj) of the pairs (a, lane) through every layer; add its sums into acc_*.
+
+    xa, yb: (C, P, Q*LANES) row image (broadcast) and column images; rsa, sqa, rsb, sqb: (L, P, Q*LANES) 1/sqrt and
+    sqrt of the per-layer diagonal maps d^(h-1). self_lane: (LANES,) bool, the column image is identical to the row
+    image; at (di, dj) = (0, 0) its rho is then exactly 1 (Cauchy-Schwarz), set rather than left to rounding.
+    consts: [pi, c_sigma / q^2 / (2 pi)] in the compute dtype. acc_ntk, acc_nngp: float64 (L, LANES).
+    sig, the, kk, uu: (P+2, (Q+2)*LANES) scratch; rows, rsum_*: (P+2, Q*LANES) and (Q*LANES,) scratch.
+    """
+    C = xa.shape[0]
+    P = xa.shape[1]
+    Q = xa.shape[2] // LANES
+    L = rsa.shape[0]
+    H, W = P - abs(di), Q - abs(dj)
+    n = W * LANES
+    ia, ja = max(0, -di), max(0, -dj)  # top-left of the slice in x; in y it is (ia+di, ja+dj)
+    ib, jb = ia + di, ja + dj
+    xo, yo = ja * LANES, jb * LANES
+    pi, c1 = consts[0], consts[1]
+    one = pi / pi
+    zero = pi - pi
+    for buf in (sig, the, kk, uu):
+        _zero_halo(buf, H, W)
+    # Row views keep every index a bare loop counter: numba's negative-index wrap-around on offset indices would turn
+    # unit-stride loads into gathers.
+    for i in range(H):
+        k_row, xr, yr = kk[1 + i, LANES:], xa[:, ia + i, xo:], yb[:, ib + i, yo:]
+        for m in range(n):
+            k_row[m] = zero
+        for c in range(C):
+            xc, yc = xr[c], yr[c]
+            for m in range(n):
+                k_row[m] += xc[m] * yc[m]
+    _box(kk, sig, rows, H, W)  # Sigma^(0)
+    for i in range(H):
+        s_row, t_row = sig[1 + i, LANES:], the[1 + i, LANES:]
+        for m in range(n):
+            t_row[m] = zero if gap else s_row[m]  # Theta^(0)
+    fix_self = di == 0 and dj == 0 and self_lane.any()
+    for h in range(L):
+        for i in range(H):
+            s_row, t_row, k_row, u_row = sig[1 + i, LANES:], the[1 + i, LANES:], kk[1 + i, LANES:], uu[1 + i, LANES:]
+            ra, rb = rsa[h, ia + i, xo:], rsb[h, ib + i, yo:]
+            qa, qb = sqa[h, ia + i, xo:], sqb[h, ib + i, yo:]
+            for m in range(n):
+                rho = s_row[m] * ra[m] * rb[m]
+                rho = min(max(rho, -one), one)
+                t = acos_abs(abs(rho))
+                pmt = pi - t if rho >= zero else t  # pi - arccos(rho)
+                k = c1 * qa[m] * qb[m] * (rho * pmt + math.sqrt(max(one - rho * rho, zero)))
+                k_row[m] = k
+                u_row[m] = c1 * pmt * t_row[m] + k
+        if fix_self:  # rho = 1: pi - arccos(rho) = pi, sqrt(1 - rho^2) = 0
+            for lane in range(LANES):
+                if self_lane[lane]:
+                    for i in range(H):
+                        for j in range(W):
+                            m = j * LANES + lane
+                            k = c1 * sqa[h, ia + i, xo + m] * sqb[h, ib + i, yo + m] * pi
+                            kk[1 + i, LANES + m] = k
+                            uu[1 + i, LANES + m] = c1 * pi * the[1 + i, LANES + m] + k
+        # per-lane sums: nngp = sum K; ntk = sum U (vanilla) or sum (U - K) = sum Kdot*Theta (GAP)
+        rsum_u[:n] = zero
+        rsum_k[:n] = zero
+        for i in range(H):
+            k_row, u_row = kk[1 + i, LANES:], uu[1 + i, LANES:]
+            for m in range(n):
+                rsum_u[m] += u_row[m]
+                rsum_k[m] += k_row[m]
+        for j in range(W):
+            for lane in range(LANES):
+                su, sk = rsum_u[j * LANES + lane], rsum_k[j * LANES + lane]
+                acc_ntk[h, lane] += su - sk if gap else su
+                acc_nngp[h, lane] += sk
+        if h + 1 < L:
+            _box(kk, sig, rows, H, W)
+            _box(uu, the, rows, H, W)
+
+
+@nb.njit(**JIT)
+def _broadcast_lanes(src, dst):
+    """dst[..., p, q*LANES + lane] = src[..., p, q]; src (K, P, Q), dst (K, P, Q*LANES)."""
+    K, P, Q = src.shape
+    for k in range(K):
+        for p in range(P):
+            for q in range(Q):
+                v = src[k, p, q]
+                for lane in range(LANES):
+                    dst[k, p, q * LANES + lane] = v
+
+
+@nb.njit(parallel=True, **JIT)
+def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, task_a, task_b, same, gap, consts):
+    """All depths of one architecture for batches of pairs (a, column batch b: images b*LANES .. b*LANES+LANES-1).
+
+    xs: (n, C, P, Q); rsx, sqx: (n, L, P, Q); ys: (nb, C, P, Q*LANES); rsy, sqy: (nb, L, P, Q*LANES) lanes fastest;
+    task_a, task_b: (T,) batches; same: (n, nb*LANES) bool, identical images.
+    Returns ntk, nngp: float64 (L, n, nb*LANES), zero where no batch covers (a, b). GAP values are means over P*Q*P*Q.
+    """
+    n, C, P, Q = xs.shape
+    L = rsx.shape[1]
+    width = ys.shape[0] * LANES
+    ntk = np.zeros((L, n, width))
+    nngp = np.zeros((L, n, width))
+    dt = xs.dtype
+    span_i = P - 1 if gap else 0
+    span_j = Q - 1 if gap else 0
+    scale = 1.0 / (P * Q * P * Q) if gap else 1.0
+    for t in nb.prange(task_a.shape[0]):
+        a, b = task_a[t], task_b[t]
+        xa = np.empty((C, P, Q * LANES), dt)
+        rsa = np.empty((L, P, Q * LANES), dt)
+        sqa = np.empty((L, P, Q * LANES), dt)
+        _broadcast_lanes(xs[a], xa)
+        _broadcast_lanes(rsx[a], rsa)
+        _broadcast_lanes(sqx[a], sqa)
+        sig = np.empty((P + 2, (Q + 2) * LANES), dt)
+        the = np.empty_like(sig)
+        kk = np.empty_like(sig)
+        uu = np.empty_like(sig)
+        rows = np.empty((P + 2, Q * LANES), dt)
+        rsum_u = np.empty(Q * LANES, dt)
+        rsum_k = np.empty(Q * LANES, dt)
+        acc_ntk = np.zeros((L, LANES))
+        acc_nngp = np.zeros((L, LANES))
+        self_lane = same[a, b * LANES:(b + 1) * LANES]
+        for di in range(-span_i, span_i + 1):
+            for dj in range(-span_j, span_j + 1):
+                _run_slice(xa, ys[b], rsa, sqa, rsy[b], sqy[b], di, dj, self_lane, gap, consts,
+                           acc_ntk, acc_nngp, sig, the, kk, uu, rows, rsum_u, rsum_k)
+        for h in range(L):
+            for lane in range(LANES):
+                ntk[h, a, b * LANES + lane] = acc_ntk[h, lane] * scale
+                nngp[h, a, b * LANES + lane] = acc_nngp[h, lane] * scale
+    return ntk, nngp

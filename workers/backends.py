@@ -1,0 +1,32 @@
+"""Backend selection: every backend module exposes the same `tile_kernels(x, y=None, *, archs, max_depth)`."""
+import importlib
+
+BACKENDS = ("cpu", "gpu")
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
+        return False
+
+
+def resolve_backend(name: str) -> str:
+    """'auto' -> 'gpu' when a GPU is usable, else 'cpu'. 'gpu' without one raises a clear error."""
+    if name == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; allowed: auto, {', '.join(BACKENDS)}")
+    if name == "gpu" and not gpu_available():
+        raise RuntimeError("backend 'gpu' requested but no CUDA device is usable (is cupy installed and a GPU "
+                           "visible?); use backend: cpu or auto")
+    return name
+
+
+def get_backend(name: str):
+    """The module implementing `tile_kernels` for a resolved backend name ('cpu' or 'gpu')."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    return importlib.import_module(f"workers.{name}")

@@ -1,0 +1,255 @@
+// Fused CNTK tile kernels (Arora et al. 2019; formulas in docs/gpu.md and the math notes).
+//
+// Images are 32x32 with 3 channels, float32, NHWC. A warp owns one circular displacement block (ci, cj) of one
+// image pair: lane j holds column j, register i holds row i, so entry (i, j) pairs x at (i, j) with y at
+// ((i + ci) % 32, (j + cj) % 32). Sigma and Theta of the block stay in registers for every layer; the 3x3 box sum
+// (tr_D) runs along registers for rows and through warp shuffles for columns, zero padded at the image edges and
+// across the cut lines i = 32 - ci, j = 32 - cj. Memory traffic per layer is the two per-image diagonal maps and
+// one partial sum per warp.
+//
+// Compile-time options (-D), all optional; the launcher (workers/gpu.py) passes the same ones:
+//   WARPS_PER_BLOCK  warps per CUDA block (default 8).
+//   BLOCKS_PER_WARP  displacement blocks each warp of the GAP kernel runs in turn (default 1; more blocks per warp
+//                    make ptxas hold far more registers); a pair has 1024 / (WARPS_PER_BLOCK * BLOCKS_PER_WARP)
+//                    CUDA blocks.
+//   MIN_BLOCKS_PER_SM second __launch_bounds__ argument of the tile kernels (default 2): caps registers per thread.
+//   MAX_LAYERS       largest number of conv layers L = max_depth - 1 (default 32); sizes the shared accumulators.
+//
+// Self-contained on purpose (no CUDA or CuPy headers): NVRTC through cupy.RawModule and nvcc both compile it.
+
+#ifndef WARPS_PER_BLOCK
+#define WARPS_PER_BLOCK 8
+#endif
+#ifndef BLOCKS_PER_WARP
+#define BLOCKS_PER_WARP 1
+#endif
+#ifndef MIN_BLOCKS_PER_SM
+#define MIN_BLOCKS_PER_SM 2
+#endif
+#ifndef MAX_LAYERS
+#define MAX_LAYERS 32
+#endif
+
+#define SIDE 32
+#define CHANNELS 3
+#define IMAGE_FLOATS (SIDE * SIDE * CHANNELS)
+#define MAP_ROWS (2 * SIDE)               // diagonal maps repeat their 32 rows so row (i + ci) needs no modulo
+#define MAP_ENTRIES (MAP_ROWS * SIDE)     // float2 entries per image and layer
+#define FULL_MASK 0xffffffffu
+#define GAP_CHUNKS (SIDE * SIDE / (WARPS_PER_BLOCK * BLOCKS_PER_WARP))
+
+#if (SIDE * SIDE) % (WARPS_PER_BLOCK * BLOCKS_PER_WARP) != 0
+#error "WARPS_PER_BLOCK * BLOCKS_PER_WARP must divide 1024"
+#endif
+
+// c_sigma = 2, q^2 = 9:  Kdot = (2/9)(pi - theta)/(2 pi) = 1/9 - theta/(9 pi);
+// K = Kdot * Sigma + sqrt(s s') sin(theta) / (9 pi), and the maps carry g = sqrt(s) / (3 sqrt(pi)).
+#define KDOT_MAX 0.1111111111111111f
+#define KDOT_SLOPE 0.0353677651315323f
+#define G_SCALE 0.18806319451591877        // 1 / (3 sqrt(pi))
+
+// Kdot and sin(theta) for theta = arccos(rho), rho in [-1, 1], branch free. arccos|rho| = sqrt(1 - |rho|) P(|rho|)
+// with the degree-7 minimax polynomial of Abramowitz & Stegun 4.4.46 (|error| <= 2e-8); the factor sqrt(1 - |rho|)
+// keeps theta relatively accurate as rho -> 1 (1 - |rho| is exact there) and is reused for
+// sin(theta) = sqrt(1 - |rho|) sqrt(1 + |rho|). Two MUFU.RSQ, no slow-path branches (unlike acosf / sqrtf).
+__device__ __forceinline__ void arccos_terms(float rho, float& kdot, float& sin_theta)
+{
+    const float a = fabsf(rho);
+    const float u = 1.f - a;
+    const float root_u = u * rsqrtf(fmaxf(u, 1e-30f));   // sqrt(1 - |rho|), exactly 0 at |rho| = 1
+    float p = -0.0012624911f;
+    p = fmaf(p, a, 0.0066700901f);
+    p = fmaf(p, a, -0.0170881256f);
+    p = fmaf(p, a, 0.0308918810f);
+    p = fmaf(p, a, -0.0501743046f);
+    p = fmaf(p, a, 0.0889789874f);
+    p = fmaf(p, a, -0.2145988016f);
+    p = fmaf(p, a, 1.5707963050f);
+    const float theta_abs = root_u * p;                  // arccos|rho|; arccos(rho) = pi - theta_abs for rho < 0
+    kdot = rho < 0.f ? theta_abs * KDOT_SLOPE : fmaf(theta_abs, -KDOT_SLOPE, KDOT_MAX);
+    const float v = 1.f + a;
+    sin_theta = root_u * (v * rsqrtf(v));
+}
+
+// Per-image diagonal maps. One CUDA block of 1024 threads per image, one thread per pixel.
+// images: (n, 32, 32, 3) float32. maps: (n, layers, 64, 32) float2 {r, g} of d_h, h = 0..layers-1, where
+// d_0 = box(sum_c x_c^2), d_h = box(d_{h-1} / 9), r = 1/sqrt(d) (0 where d == 0), g = sqrt(d) / (3 sqrt(pi));
+// rows 32..63 repeat rows 0..31. Computed in float64, rounded once.
+extern "C" __global__ void __launch_bounds__(SIDE * SIDE)
+diag_maps(const float* __restrict__ images, int n_images, int layers, float2* __restrict__ maps)
+{
+    __shared__ double src[SIDE * SIDE];
+    const int img = blockIdx.x;
+    const int t = threadIdx.x, i = t / SIDE, j = t % SIDE;
+    if (img >= n_images) return;
+    const float* px = images + (long long)img * IMAGE_FLOATS + t * CHANNELS;
+    double v = 0.0;
+    for (int c = 0; c < CHANNELS; ++c) v += (double)px[c] * (double)px[c];
+    src[t] = v;
+    __syncthreads();
+    for (int h = 0; h < layers; ++h) {
+        double d = 0.0;
+        for (int a = -1; a <= 1; ++a)
+            for (int b = -1; b <= 1; ++b)
+                if (i + a >= 0 && i + a < SIDE && j + b >= 0 && j + b < SIDE) d += src[(i + a) * SIDE + j + b];
+        const float2 entry = make_float2(d > 0.0 ? (float)(1.0 / sqrt(d)) : 0.f, (float)(sqrt(d) * G_SCALE));
+        float2* out = maps + ((long long)img * layers + h) * MAP_ENTRIES;
+        out[t] = entry;
+        out[t + SIDE * SIDE] = entry;
+        __syncthreads();
+        src[t] = d / 9.0;
+        __syncthreads();
+    }
+}
+
+// tr_D along rows (registers): rows cut-1 and cut lie in different displacement slices (cut == SIDE: none).
+__device__ __forceinline__ void box_rows(float (&t)[SIDE], int cut)
+{
+    float above = 0.f;
+#pragma unroll
+    for (int i = 0; i < SIDE; ++i) {
+        const float here = t[i];
+        float s = here;
+        if (i > 0 && i != cut) s += above;
+        if (i + 1 < SIDE && i + 1 != cut) s += t[i + 1];
+        t[i] = s;
+        above = here;
+    }
+}
+
+// tr_D along columns (lanes): left_on / right_on are 1 where the neighbouring lane is in the same slice, else 0.
+__device__ __forceinline__ float box_cols(float v, float left_on, float right_on)
+{
+    const float left = __shfl_up_sync(FULL_MASK, v, 1);
+    const float right = __shfl_down_sync(FULL_MASK, v, 1);
+    return fmaf(left_on, left, fmaf(right_on, right, v));
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+// All L layers of one displacement block (ci, cj) of the pair (x, y). Lane 0 adds the block's sums of layer h
+// (h = 1..layers) to acc[2(h-1)] (ntk) and acc[2(h-1)+1] (nngp): GAP sums Kdot*Theta and K over the block,
+// vanilla (ci = cj = 0) sums Kdot*Theta + K and K. rho_low = 1 forces rho = 1 (an image with itself at zero
+// displacement, where Cauchy-Schwarz holds with equality), else -1.
+template <bool GAP>
+__device__ __forceinline__ void cntk_block(const float* __restrict__ x, const float* __restrict__ y,
+                                           const float2* __restrict__ x_maps, const float2* __restrict__ y_maps,
+                                           int ci, int cj, float rho_low, int layers, double* acc)
+{
+    const int j = threadIdx.x % SIDE;
+    const int jy = (j + cj) % SIDE;
+    const int row_cut = SIDE - ci, col_cut = SIDE - cj;
+    const float left_on = (j > 0 && j != col_cut) ? 1.f : 0.f;
+    const float right_on = (j + 1 < SIDE && j + 1 != col_cut) ? 1.f : 0.f;
+
+    float sigma[SIDE], theta[SIDE];
+#pragma unroll
+    for (int i = 0; i < SIDE; ++i) {   // Sigma_0 = tr_D(sum_c x_c y_c)
+        const float* px = x + (i * SIDE + j) * CHANNELS;
+        const float* py = y + (((i + ci) % SIDE) * SIDE + jy) * CHANNELS;
+        sigma[i] = fmaf(px[2], py[2], fmaf(px[1], py[1], px[0] * py[0]));
+    }
+    box_rows(sigma, row_cut);
+#pragma unroll
+    for (int i = 0; i < SIDE; ++i) {
+        sigma[i] = box_cols(sigma[i], left_on, right_on);
+        theta[i] = GAP ? 0.f : sigma[i];
+    }
+
+    for (int h = 0; h < layers; ++h) {   // layer h + 1 normalises by the maps of d_h
+        const float2* mx = x_maps + h * MAP_ENTRIES + j;
+        const float2* my = y_maps + h * MAP_ENTRIES + ci * SIDE + jy;
+        float sum_ntk = 0.f, sum_nngp = 0.f;
+#pragma unroll
+        for (int i = 0; i < SIDE; ++i) {
+            const float2 nx = __ldg(mx + i * SIDE), ny = __ldg(my + i * SIDE);
+            const float rho = fminf(fmaxf(sigma[i] * (nx.x * ny.x), rho_low), 1.f);
+            float kdot, sin_theta;
+            arccos_terms(rho, kdot, sin_theta);
+            const float k = fmaf(kdot, sigma[i], (nx.y * ny.y) * sin_theta);
+            const float carried = kdot * theta[i];
+            sigma[i] = k;
+            theta[i] = carried + k;
+            sum_ntk += GAP ? carried : theta[i];
+            sum_nngp += k;
+        }
+        sum_ntk = warp_sum(sum_ntk);
+        sum_nngp = warp_sum(sum_nngp);
+        if (j == 0) {
+            acc[2 * h] += (double)sum_ntk;
+            acc[2 * h + 1] += (double)sum_nngp;
+        }
+        if (h + 1 < layers) {   // Sigma_h = tr_D(K), Theta_h = tr_D(Kdot Theta + K)
+            box_rows(sigma, row_cut);
+            box_rows(theta, row_cut);
+#pragma unroll
+            for (int i = 0; i < SIDE; ++i) {
+                sigma[i] = box_cols(sigma[i], left_on, right_on);
+                theta[i] = box_cols(theta[i], left_on, right_on);
+            }
+        }
+    }
+}
+
+// Kernel arguments shared by both tile kernels:
+//   x_images (nx, 32, 32, 3), y_images (ny, 32, 32, 3) float32; x_maps, y_maps from diag_maps with the same layers;
+//   pair_x, pair_y (n_pairs,) int32 image indices; pair_self (n_pairs,) uint8, 1 where the two images are identical;
+//   out (n_pairs, layers, 2) float64, zeroed by the caller: [p, h-1, 0] ntk, [p, h-1, 1] nngp for depth h + 1.
+
+// CNTK-GAP: grid n_pairs * GAP_CHUNKS blocks of WARPS_PER_BLOCK * 32 threads. out holds sums over all 32^4
+// entries (the caller divides by 2^20 for the mean).
+extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32, MIN_BLOCKS_PER_SM)
+cntk_gap_tile(const float* __restrict__ x_images, const float* __restrict__ y_images,
+              const float2* __restrict__ x_maps, const float2* __restrict__ y_maps,
+              const int* __restrict__ pair_x, const int* __restrict__ pair_y,
+              const unsigned char* __restrict__ pair_self, int n_pairs, int layers, double* __restrict__ out)
+{
+    __shared__ double acc[WARPS_PER_BLOCK][2 * MAX_LAYERS];
+    const int warp = threadIdx.x / 32;
+    const int p = blockIdx.x / GAP_CHUNKS, chunk = blockIdx.x % GAP_CHUNKS;
+    if (p >= n_pairs || layers > MAX_LAYERS) return;   // uniform over the block
+    for (int k = threadIdx.x; k < WARPS_PER_BLOCK * 2 * MAX_LAYERS; k += blockDim.x) (&acc[0][0])[k] = 0.0;
+    __syncthreads();
+    const int a = pair_x[p], b = pair_y[p];
+#pragma unroll 1
+    for (int s = 0; s < BLOCKS_PER_WARP; ++s) {
+        const int block = (chunk * WARPS_PER_BLOCK + warp) * BLOCKS_PER_WARP + s;
+        const float rho_low = (pair_self[p] && block == 0) ? 1.f : -1.f;
+        cntk_block<true>(x_images + (long long)a * IMAGE_FLOATS, y_images + (long long)b * IMAGE_FLOATS,
+                         x_maps + (long long)a * layers * MAP_ENTRIES, y_maps + (long long)b * layers * MAP_ENTRIES,
+                         block / SIDE, block % SIDE, rho_low, layers, acc[warp]);
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < 2 * layers; k += blockDim.x) {
+        double total = 0.0;
+        for (int w = 0; w < WARPS_PER_BLOCK; ++w) total += acc[w][k];
+        atomicAdd(out + (long long)p * 2 * layers + k, total);
+    }
+}
+
+// CNTK-V: only the zero-displacement block (0, 0); one warp per pair, grid ceil(n_pairs / WARPS_PER_BLOCK) blocks
+// of WARPS_PER_BLOCK * 32 threads. out holds the traces (sums over i = i', j = j').
+extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32, MIN_BLOCKS_PER_SM)
+cntk_vanilla_tile(const float* __restrict__ x_images, const float* __restrict__ y_images,
+                  const float2* __restrict__ x_maps, const float2* __restrict__ y_maps,
+                  const int* __restrict__ pair_x, const int* __restrict__ pair_y,
+                  const unsigned char* __restrict__ pair_self, int n_pairs, int layers, double* __restrict__ out)
+{
+    __shared__ double acc[WARPS_PER_BLOCK][2 * MAX_LAYERS];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int p = blockIdx.x * WARPS_PER_BLOCK + warp;
+    if (p >= n_pairs || layers > MAX_LAYERS) return;   // uniform over the warp; no block-wide barrier below
+    for (int k = lane; k < 2 * layers; k += 32) acc[warp][k] = 0.0;
+    __syncwarp();
+    const int a = pair_x[p], b = pair_y[p];
+    cntk_block<false>(x_images + (long long)a * IMAGE_FLOATS, y_images + (long long)b * IMAGE_FLOATS,
+                      x_maps + (long long)a * layers * MAP_ENTRIES, y_maps + (long long)b * layers * MAP_ENTRIES,
+                      0, 0, pair_self[p] ? 1.f : -1.f, layers, acc[warp]);
+    __syncwarp();
+    for (int k = lane; k < 2 * layers; k += 32) out[(long long)p * 2 * layers + k] = acc[warp][k];
+}

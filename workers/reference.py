@@ -1,0 +1,150 @@
+"""Float64 brute-force oracle, written straight from the paper's formulas (Arora et al. 2019, Sec. 4, App. H).
+
+Every pair keeps full 4-D tensors T[i, j, i', j'] (P*Q*P*Q entries) and every self-covariance is obtained by
+running the same recursion on (x, x): no diagonal shortcut, no displacement slicing. Slow on purpose: it is the
+reference every fast path is tested against and is never used for production runs.
+"""
+import numpy as np
+
+from .validate import check_depth, check_pair
+
+C_SIGMA = 2.0
+Q2 = 9.0  # filter size q*q
+
+
+def tr_d(t: np.ndarray) -> np.ndarray:
+    """tr_D(T)[i,j,i',j'] = sum_{a,b in {-1,0,1}} T[i+a, j+b, i'+a, j'+b], zero outside the image. t: (P,Q,P,Q)."""
+    p, q = t.shape[:2]
+    padded = np.pad(t, 1)
+    out = np.zeros_like(t)
+    for a in (-1, 0, 1):
+        for b in (-1, 0, 1):
+            out += padded[1 + a:1 + a + p, 1 + b:1 + b + q, 1 + a:1 + a + p, 1 + b:1 + b + q]
+    return out
+
+
+def relu_expectations(sigma, s, s_prime):
+    """K and K-dot of one layer from the covariance tensor and the two variance maps.
+
+    sigma: (P,Q,P,Q) cross-covariance; s: (P,Q) variances of x; s_prime: (P,Q) variances of x'.
+    K = (c/q^2) E[relu(u) relu(v)], Kdot = (c/q^2) E[relu'(u) relu'(v)], (u, v) ~ N(0, [[s, sigma], [sigma, s']]).
+    """
+    ss = s[:, :, None, None] * s_prime[None, None, :, :]
+    norm = np.sqrt(ss)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(ss > 0, sigma / np.where(ss > 0, norm, 1.0), 0.0)
+    rho = np.clip(rho, -1.0, 1.0)
+    theta = np.arccos(rho)
+    k = C_SIGMA / Q2 * norm * (rho * (np.pi - theta) + np.sqrt(1.0 - rho ** 2)) / (2 * np.pi)
+    kdot = C_SIGMA / Q2 * (np.pi - theta) / (2 * np.pi)
+    return k, kdot
+
+
+def _layer_covariances(x, y, n_layers):
+    """Yields (h, K^(h), Kdot^(h), Sigma^(h-1)) for h = 1..n_layers for the pair (x, y), each (P,Q,P,Q)."""
+    def sigma0(a, b):
+        return tr_d(np.einsum("ijc,klc->ijkl", a, b))
+
+    def diag(t):
+        p, q = t.shape[:2]
+        return np.einsum("ijij->ij", t.reshape(p, q, p, q))
+
+    sig_xy, sig_xx, sig_yy = sigma0(x, y), sigma0(x, x), sigma0(y, y)
+    for h in range(1, n_layers + 1):
+        s, s_prime = diag(sig_xx), diag(sig_yy)
+        k, kdot = relu_expectations(sig_xy, s, s_prime)
+        yield h, k, kdot, sig_xy
+        sig_xy = tr_d(k)
+        sig_xx = tr_d(relu_expectations(sig_xx, s, s)[0])
+        sig_yy = tr_d(relu_expectations(sig_yy, s_prime, s_prime)[0])
+
+
+def cntk_pair(x: np.ndarray, y: np.ndarray, max_depth: int) -> dict[str, np.ndarray]:
+    """All kernels of one image pair for every depth 2..max_depth.
+
+    x, y: (P, Q, C) float images. Returns {"ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap"} -> (max_depth-1,)
+    float64; entry d-2 is the kernel of the net with d-1 conv layers (paper depth d).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n_layers = max_depth - 1
+    out = {k: np.zeros(n_layers) for k in ("ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap")}
+    theta_v = theta_g = None
+    for h, k, kdot, sigma_prev in _layer_covariances(x, y, n_layers):
+        if h == 1:
+            theta_v, theta_g = sigma_prev, np.zeros_like(sigma_prev)  # Theta^(0): Sigma^(0) (vanilla), 0 (GAP)
+        # A net with L = h conv layers ends here: vanilla Theta^(L) = Kdot*Theta^(L-1) + K, traced on i=i', j=j';
+        # GAP Theta^(L) = Kdot*Theta^(L-1) (last layer fixed), averaged over all (i, j, i', j').
+        final_v = kdot * theta_v + k
+        final_g = kdot * theta_g
+        out["ntk-vanilla"][h - 1] = np.einsum("ijij->", final_v)
+        out["nngp-vanilla"][h - 1] = np.einsum("ijij->", k)
+        out["ntk-gap"][h - 1] = final_g.mean()
+        out["nngp-gap"][h - 1] = k.mean()
+        # Intermediate layers h < L: Theta^(h) = tr_D(Kdot * Theta^(h-1) + K) for both architectures.
+        theta_v = tr_d(kdot * theta_v + k)
+        theta_g = tr_d(kdot * theta_g + k)
+    return out
+
+
+def cntk_reference(x, y=None, *, max_depth: int, archs=("vanilla", "gap")) -> dict[str, np.ndarray]:
+    """Brute-force CNTK blocks. x: (n,P,Q,C), y: (m,P,Q,C) or None (= x).
+
+    Returns {"{kind}-{arch}": float64 (max_depth-1, n, m)} for the requested conv archs.
+    """
+    x, y = check_pair(x, y)
+    y = x if y is None else y
+    max_depth = check_depth(max_depth)
+    keys = [f"{kind}-{arch}" for arch in archs for kind in ("ntk", "nngp")]
+    out = {k: np.zeros((max_depth - 1, len(x), len(y))) for k in keys}
+    for a in range(len(x)):
+        for b in range(len(y)):
+            pair = cntk_pair(x[a], y[b], max_depth)
+            for k in keys:
+                out[k][:, a, b] = pair[k]
+    return out
+
+
+def _relu_moments(s, s_prime, c):
+    """E[relu(u) relu(v)] and E[step(u) step(v)] for (u, v) ~ N(0, [[s, c], [c, s']]), by adaptive quadrature over
+    u > 0 with the inner Gaussian integral over v | u done exactly (independent of the arc-cosine closed form)."""
+    from scipy import integrate, stats
+    rho = float(np.clip(c / np.sqrt(s * s_prime), -1.0, 1.0))
+    sd = np.sqrt(max(1.0 - rho * rho, 0.0))
+    pdf, cdf = stats.norm.pdf, stats.norm.cdf
+
+    def inner_relu(z):  # E[relu(rho z + sd w)], w ~ N(0, 1)
+        mu = rho * z
+        return max(mu, 0.0) if sd == 0 else mu * cdf(mu / sd) + sd * pdf(mu / sd)
+
+    def inner_step(z):  # P(rho z + sd w > 0)
+        return float(rho * z > 0) if sd == 0 else cdf(rho * z / sd)
+
+    opts = dict(epsabs=1e-13, epsrel=1e-12, limit=200)
+    relu = integrate.quad(lambda z: pdf(z) * z * inner_relu(z), 0, np.inf, **opts)[0]
+    step = integrate.quad(lambda z: pdf(z) * inner_step(z), 0, np.inf, **opts)[0]
+    return np.sqrt(s * s_prime) * relu, step
+
+
+def fc_reference(x, y=None, *, max_depth: int) -> dict[str, np.ndarray]:
+    """Fully-connected ReLU NTK / NNGP (paper Eq. 7-9) on flattened images, c_sigma = 2, with the Gaussian
+    expectations integrated numerically (see `_relu_moments`).
+
+    x: (n,P,Q,C), y: (m,P,Q,C) or None. Returns {"ntk-fc", "nngp-fc"} -> float64 (max_depth-1, n, m).
+    """
+    x, y = check_pair(x, y)
+    y = x if y is None else y
+    max_depth = check_depth(max_depth)
+    out = {k: np.zeros((max_depth - 1, len(x), len(y))) for k in ("ntk-fc", "nngp-fc")}
+    for a, xa in enumerate(np.asarray(x, np.float64).reshape(len(x), -1)):
+        for b, yb in enumerate(np.asarray(y, np.float64).reshape(len(y), -1)):
+            sig, s, s_prime = xa @ yb, xa @ xa, yb @ yb
+            theta = sig
+            for h in range(1, max_depth):
+                relu, step = _relu_moments(s, s_prime, sig)
+                sig = C_SIGMA * relu
+                s = C_SIGMA * _relu_moments(s, s, s)[0]
+                s_prime = C_SIGMA * _relu_moments(s_prime, s_prime, s_prime)[0]
+                theta = theta * C_SIGMA * step + sig
+                out["ntk-fc"][h - 1, a, b] = theta
+                out["nngp-fc"][h - 1, a, b] = sig
+    return out

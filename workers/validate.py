@@ -1,0 +1,47 @@
+"""Input checks shared by every kernel entry point: one clear ValueError per kind of bad input."""
+import numpy as np
+
+ARCHS = ("vanilla", "gap", "fc")
+KINDS = ("ntk", "nngp")
+
+
+def check_images(x, *, name: str = "x", allow_uint8: bool = False) -> np.ndarray:
+    """x must be (N, P, Q, C) with finite values. Returns it as an ndarray (dtype unchanged)."""
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, height, width, channels), got shape {x.shape}")
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"{name} has an empty image dimension: shape {x.shape}")
+    if x.dtype == np.uint8 and allow_uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be floating point (float32 or float64), got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains non-finite pixels (NaN or inf) in {int((~np.isfinite(x)).sum())} places")
+    return x
+
+
+def check_pair(x, y):
+    """Validate a block pair; y None means y = x. Returns (x, y_or_None)."""
+    x = check_images(x, name="x")
+    if y is None:
+        return x, None
+    y = check_images(y, name="y")
+    if y.shape[1:] != x.shape[1:]:
+        raise ValueError(f"x and y images differ in shape: {x.shape[1:]} vs {y.shape[1:]}")
+    return x, y
+
+
+def check_depth(max_depth) -> int:
+    """Paper depth (conv layers + 1) must be an integer >= 2."""
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 2:
+        raise ValueError(f"max_depth must be an integer >= 2 (paper depth = conv layers + 1), got {max_depth!r}")
+    return int(max_depth)
+
+
+def check_archs(archs) -> tuple[str, ...]:
+    archs = (archs,) if isinstance(archs, str) else tuple(archs)
+    bad = [a for a in archs if a not in ARCHS]
+    if bad or not archs:
+        raise ValueError(f"unknown architecture {bad or archs!r}; allowed: {', '.join(ARCHS)}")
+    return archs
