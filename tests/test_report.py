@@ -1,0 +1,181 @@
+"""`cntk solve` / `cntk paper` end to end on small stores, and the report helpers."""
+import json
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from pipeline import report
+from pipeline.config import build_config
+from pipeline.data import Inputs
+from pipeline.solve_cli import paper, solve
+from pipeline.store import prepare_store
+from workers.preprocess import targets
+
+N_TRAIN, N_TEST, TILE = 40, 15, 10   # test rows 40..54: a ragged last tile of 5
+
+
+def _gram(rng, labels, *, rank=None):
+    """SPD (or rank-deficient) Gram with class signal, float32 as the store keeps it."""
+    n = labels.size
+    signal = np.eye(10)[labels] * 0.25
+    noise = rng.standard_normal((n, rank or 3 * n))
+    x = np.concatenate([signal, noise / np.sqrt(noise.shape[1])], axis=1) if rank is None else \
+        np.concatenate([signal, noise], axis=1)[:, :rank]
+    return (x @ x.T).astype(np.float32)
+
+
+def make_store(tmp_path, rng, *, rank_deficient=(), missing=()):
+    """A store in the pipeline's layout with synthetic Gram arrays for ntk-vanilla depths 3 and 6.
+
+    Returns (store path, labels (N,), {(key, depth): float32 (N, N) matrix})."""
+    n = N_TRAIN + N_TEST
+    labels = np.concatenate([np.arange(N_TRAIN) % 10, rng.integers(0, 10, N_TEST)]).astype(np.int64)
+    inputs = Inputs(images=rng.standard_normal((n, 32, 32, 3)).astype(np.float32), labels=labels,
+                    index=np.arange(n, dtype=np.int64),
+                    split=np.repeat(np.array([0, 1], np.int8), [N_TRAIN, N_TEST]),
+                    mean=np.zeros(3), std=np.ones(3))
+    config = build_config({"data": {"train": N_TRAIN, "test": N_TEST, "root": str(tmp_path)},
+                           "kernel": {"archs": ["vanilla"], "kinds": ["ntk"], "depths": [3, 6]},
+                           "tiles": {"size": TILE}, "store": str(tmp_path / "tiny.zarr")})
+    store = tmp_path / "tiny.zarr"
+    prepare_store(store, config=config, inputs=inputs)
+    group = zarr.open_group(str(store), mode="r+")
+    grams = {}
+    for depth in (3, 6):
+        k = _gram(rng, labels, rank=12 if depth in rank_deficient else None)
+        grams[("ntk-vanilla", depth)] = k
+        arr = group[f"gram/ntk-vanilla/depth-{depth}"]
+        for i0 in range(0, n, TILE):
+            for j0 in range(i0, n, TILE):
+                if i0 >= N_TRAIN or (depth in missing and (i0, j0) == (0, 10)):
+                    continue  # test x test is never written; a missing tile stays NaN
+                arr[i0:i0 + TILE, j0:j0 + TILE] = k[i0:i0 + TILE, j0:j0 + TILE]
+    return store, labels, grams
+
+
+def reference_fit(k, labels, lam=0.0):
+    """numpy.linalg.solve oracle: alpha (n_train, 10), test predictions."""
+    k = k.astype(np.float64)
+    ktr = k[:N_TRAIN, :N_TRAIN]
+    alpha = np.linalg.solve(ktr + lam * np.mean(np.diag(ktr)) * np.eye(N_TRAIN), targets(labels[:N_TRAIN]))
+    return alpha, (k[N_TRAIN:, :N_TRAIN] @ alpha).argmax(axis=1)
+
+
+def test_cli_solve_end_to_end_on_a_store_with_ragged_tiles(tmp_path, rng):
+    store, labels, grams = make_store(tmp_path, rng)
+    before = {d: zarr.open_array(str(store), path=f"gram/ntk-vanilla/depth-{d}", mode="r")[:] for d in (3, 6)}
+    out = tmp_path / "report"
+    result = CliRunner().invoke(solve, [str(store), "--out", str(out), "--lambdas", "0,1e-3,1e-1",
+                                        "--reference", "table1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "66.03" in result.output and "n/a" in result.output
+    summary = json.loads((out / "results.json").read_text())
+    group = zarr.open_group(str(store), mode="r")
+    for row in summary["rows"]:
+        k = grams[(row["kernel"], row["depth"])]
+        alpha, pred = reference_fit(k, labels)
+        base = f"solve/{row['kernel']}/depth-{row['depth']}/paper"
+        assert np.linalg.norm(group[f"{base}/alpha"][:] - alpha) <= 1e-8 * np.linalg.norm(alpha)
+        assert np.array_equal(group[f"{base}/predictions"][:], pred)
+        assert row["paper"]["accuracy"] == np.mean(pred == labels[N_TRAIN:])
+        alpha_v, pred_v = reference_fit(k, labels, lam=row["validated"]["lambda"])
+        assert np.array_equal(group[f"solve/{row['kernel']}/depth-{row['depth']}/validated/predictions"][:], pred_v)
+        assert np.sum(row["paper"]["confusion"]) == N_TEST
+    for d in (3, 6):   # gram/ untouched
+        after = zarr.open_array(str(store), path=f"gram/ntk-vanilla/depth-{d}", mode="r")[:]
+        assert np.array_equal(before[d], after, equal_nan=True)
+    for name in ("results.md", "accuracy_vs_depth.png", "confusion_best.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| ntk-vanilla | 6 |" in (out / "results.md").read_text()
+
+
+def test_default_report_directory_is_beside_the_store(tmp_path, rng):
+    store, _, _ = make_store(tmp_path, rng)
+    result = CliRunner().invoke(solve, [str(store), "--no-validation", "--depth", "3"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tiny-report" / "results.json").exists()
+
+
+def test_not_positive_definite_and_incomplete_kernels_are_reported(tmp_path, rng):
+    store, _, _ = make_store(tmp_path, rng, rank_deficient=(3,), missing=(6,))
+    out = tmp_path / "r"
+    result = CliRunner().invoke(solve, [str(store), "--out", str(out), "--lambdas", "0,1e-4,1e-1"])
+    assert result.exit_code == 0, result.output
+    rows = {r["depth"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert "not positive definite" in rows[3]["paper"]["error"]
+    assert rows[3]["paper"]["smallest_working_lambda"] == 1e-4
+    assert "smallest λ in the grid" in result.output and "incomplete" in result.output
+    assert "not computed" in rows[6]["error"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--lambdas", "0,abc"], "--lambdas"),
+    (["--lambdas", "-1"], "--lambdas"),
+    (["--memory-budget", "lots"], "--memory-budget"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--kernel", "ntk-gap"], "ntk-vanilla@3"),
+    (["--depth", "6", "--depth", "11"], "--depth 11: not in"),
+])
+def test_bad_options_give_one_clear_error(tmp_path, rng, args, words):
+    store, _, _ = make_store(tmp_path, rng)
+    result = CliRunner().invoke(solve, [str(store), "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert "Traceback" not in result.output
+    assert "solve" not in zarr.open_group(str(store), mode="r")  # nothing written
+
+
+def test_gpu_without_a_device_is_a_user_error(tmp_path, rng, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy", None)    # as on a machine without CuPy
+    store, _, _ = make_store(tmp_path, rng)
+    result = CliRunner().invoke(solve, [str(store), "--device", "gpu", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--device gpu" in result.output, result.output
+
+
+def test_missing_store_is_a_user_error(tmp_path):
+    result = CliRunner().invoke(solve, [str(tmp_path / "nope.zarr")])
+    assert result.exit_code == 2 and "no store" in result.output
+
+
+def test_best_kernel_is_chosen_by_validation_not_test_accuracy():
+    def row(depth, val_acc, test_acc):
+        fit = {"lambda": 0.0, "accuracy": test_acc, "confusion": [[1]]}
+        return {"kernel": "ntk-gap", "depth": depth, "paper": fit, "validated": fit,
+                "selection": {"val_accuracy": [{"lambda": 0.0, "accuracy": val_acc}]}}
+    best, how = report.best_row([row(3, 0.9, 0.5), row(6, 0.6, 0.8)])
+    assert (best["depth"], how) == (3, "validated")
+
+
+def test_paper_reference_holds_only_confirmed_numbers():
+    values = [v for table in report.PAPER_REFERENCE.values() for v in table.values() if v is not None]
+    assert values == [66.03]
+    text = report.format_table([{"kernel": "ntk-gap", "depth": 11, "error": "x"}], report.PAPER_REFERENCE["table1"])
+    assert "n/a" in text and "incomplete" in text
+
+
+def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
+    """`cntk paper` on 60 real CIFAR-10 images: kernel (pipeline.schedule.run) -> solve -> report."""
+    import yaml
+
+    from pipeline.store import open_gram
+
+    config = tmp_path / "table1.yaml"     # the name picks the paper's Table 1 as reference
+    store = tmp_path / "cifar60.zarr"
+    config.write_text(yaml.safe_dump({
+        "data": {"train": 40, "test": 20, "root": str(cifar_root)},
+        "kernel": {"archs": ["vanilla"], "kinds": ["ntk"], "depths": [3, 6]},
+        "tiles": {"size": 20}, "backend": "cpu", "store": str(store),
+        "cluster": {"workers": 1, "threads": 1}}))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(paper, [str(config), "--out", str(out), "--lambdas", "0,1e-3,1e-1"])
+    assert result.exit_code == 0, result.output
+    assert "66.03" in result.output
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["paper_reference"]["table"] == "table1"
+    labels = zarr.open_group(str(store), mode="r")["inputs/labels"][:]
+    for row in summary["rows"]:
+        k = open_gram(store, row["kernel"], row["depth"])[:, :40].compute()   # (60, 40): all the fit uses
+        _, pred = reference_fit(k, labels)
+        assert row["paper"]["accuracy"] == np.mean(pred == labels[40:])

@@ -1,0 +1,234 @@
+"""Blocked Cholesky, triangular solves and the validated ridge against numpy.linalg on small SPD problems."""
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import solve
+from workers.preprocess import targets
+
+
+def spd_gram(rng, n, *, chunk, dtype=np.float64, rank=None):
+    """(n, n) SPD (or PSD of the given rank) matrix as a dask array with (chunk, chunk) blocks."""
+    x = rng.standard_normal((n, rank or n + 5))
+    k = (x @ x.T / x.shape[1]).astype(dtype)
+    return k, da.from_array(k, chunks=(chunk, chunk))
+
+
+def rel_err(x, ref):
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("n,chunk,panel_width", [
+    (48, 8, None),     # in core: one panel
+    (48, 8, 16),       # three panels of two tiles
+    (53, 8, 16),       # ragged last tile and ragged last panel
+    (53, 7, 5),        # panels that cut through tiles
+    (50, 50, 1),       # column by column
+])
+def test_blocked_solve_matches_numpy(rng, n, chunk, panel_width):
+    k, a = spd_gram(rng, n, chunk=chunk)
+    b = rng.standard_normal((n, 10))
+    factor = solve.cholesky_blocked(a, shift=0.0, panel_width=panel_width)
+    try:
+        low = np.zeros((n, n))
+        for (c0, c1), panel in zip(factor.bounds, factor.panels):
+            low[c0:, c0:c1] = panel
+        assert rel_err(low, np.linalg.cholesky(k)) <= 1e-8
+        assert np.all(np.triu(low, 1) == 0)
+        assert rel_err(solve.cho_solve_blocked(factor, b), np.linalg.solve(k, b)) <= 1e-8
+    finally:
+        factor.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), chunk=st.integers(1, 40), panel=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_any_tile_and_panel_width_gives_the_same_solution(n, chunk, panel, seed):
+    k, a = spd_gram(np.random.default_rng(seed), n, chunk=min(chunk, n))
+    b = np.random.default_rng(seed + 1).standard_normal((n, 3))
+    alpha = solve.fit_alpha(a, b, lam=0.0, panel_width=panel)
+    assert rel_err(alpha, np.linalg.solve(k, b)) <= 1e-8
+
+
+def test_out_of_core_panels_live_on_disk_and_are_removed(rng, tmp_path):
+    n = 40
+    k, a = spd_gram(rng, n, chunk=8)
+    b = rng.standard_normal((n, 3))
+    # a budget too small for the matrix: 8-column panels in memory-mapped scratch files
+    factor = solve.cholesky_blocked(a, memory_budget=4 * 8 * n * 8, scratch_dir=tmp_path)
+    assert len(factor.bounds) == 5 and isinstance(factor.panels[0], np.memmap)
+    assert rel_err(solve.cho_solve_blocked(factor, b), np.linalg.solve(k, b)) <= 1e-8
+    factor.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float32_store_is_factored_in_float64(rng):
+    k32, a = spd_gram(rng, 30, chunk=6, dtype=np.float32)
+    b = rng.standard_normal((30, 2))
+    alpha = solve.fit_alpha(a, b, lam=0.0, panel_width=12)
+    assert rel_err(alpha, np.linalg.solve(k32.astype(np.float64), b)) <= 1e-8
+
+
+def test_ridge_is_lambda_times_mean_diagonal(rng):
+    k, a = spd_gram(rng, 24, chunk=5)
+    b = rng.standard_normal((24, 4))
+    lam = 0.3
+    ref = np.linalg.solve(k + lam * np.mean(np.diag(k)) * np.eye(24), b)
+    assert rel_err(solve.fit_alpha(a, b, lam=lam, panel_width=10), ref) <= 1e-8
+
+
+def test_not_positive_definite_names_row_and_smallest_working_lambda(rng):
+    # rank-deficient PSD with a negative eigenvalue nudged in: lam = 0 and 1e-6 fail, 1e-3 works
+    x = rng.standard_normal((30, 30))
+    q, _ = np.linalg.qr(x)
+    eig = np.linspace(1.0, 2.0, 30)
+    eig[-1] = -1e-4 * eig.mean()
+    k = (q * eig) @ q.T
+    a = da.from_array(k, chunks=(7, 7))
+    with pytest.raises(solve.NotPositiveDefinite) as info:
+        solve.cholesky_blocked(a, panel_width=10)
+    assert 0 <= info.value.row < 30
+    grid = (1e-6, 1e-3, 1e-1)
+    working = solve.smallest_working_lambda(a, lambdas=grid, panel_width=10)
+    assert working == 1e-3   # eigenvalue -1e-4·mean: 1e-6 is too small, 1e-3·mean(diag) lifts it
+    message = solve.not_pd_message(info.value, working, grid)
+    assert "not positive definite" in message and "smallest λ" in message and "0.001" in message
+    assert "no λ in the grid" in solve.not_pd_message(info.value, None, grid)
+
+
+def test_validation_split_is_stratified_seeded_and_disjoint(rng):
+    labels = rng.integers(0, 10, size=500)
+    fit, val = solve.validation_split(labels, fraction=0.2, seed=3)
+    fit2, val2 = solve.validation_split(labels, fraction=0.2, seed=3)
+    assert np.array_equal(val, val2) and np.array_equal(fit, fit2)
+    assert np.intersect1d(fit, val).size == 0 and fit.size + val.size == 500
+    for c in range(10):
+        count = np.sum(labels == c)
+        assert np.sum(labels[val] == c) == round(0.2 * count)
+    assert not np.array_equal(val, solve.validation_split(labels, fraction=0.2, seed=4)[1])
+
+
+def _labelled_problem(rng, n_train=60, n_test=30):
+    """Gram of a noisy linear-class model: rows train then test, labels (N,)."""
+    n = n_train + n_test
+    labels = rng.integers(0, 3, size=n)
+    feats = np.eye(3)[labels] * 2.0 + rng.standard_normal((n, 3))
+    x = np.concatenate([feats, 0.3 * rng.standard_normal((n, 120))], axis=1)
+    k = x @ x.T
+    return k, da.from_array(k, chunks=(15, 15)), labels
+
+
+def test_solve_kernel_matches_numpy_and_never_uses_test_labels(rng, monkeypatch):
+    k, gram, labels = _labelled_problem(rng)
+    n_train = 60
+    seen = []
+    original = solve.select_lambda
+
+    def spy(k_train, train_labels, **kw):
+        seen.append((k_train.shape, np.array(train_labels)))
+        return original(k_train, train_labels, **kw)
+
+    monkeypatch.setattr(solve, "select_lambda", spy)
+    result = solve.solve_kernel(gram, labels=labels, n_train=n_train, lambdas=(0.0, 1e-3, 1e-1),
+                                panel_width=20)
+    # the selection saw the training block and training labels only
+    assert seen[0][0] == (n_train, n_train) and np.array_equal(seen[0][1], labels[:n_train])
+
+    # the paper's lambda = 0 fit equals numpy.linalg.solve
+    y = targets(labels[:n_train], n_classes=3)
+    alpha_ref = np.linalg.solve(k[:n_train, :n_train], y)
+    assert rel_err(result["paper"]["alpha"], alpha_ref) <= 1e-8
+    pred_ref = (k[n_train:, :n_train] @ alpha_ref).argmax(axis=1)
+    assert np.array_equal(result["paper"]["predictions"], pred_ref)
+    assert result["paper"]["accuracy"] == np.mean(pred_ref == labels[n_train:])
+
+    # garbage test labels change the scores but not the choice of lambda
+    poisoned = labels.copy()
+    poisoned[n_train:] = (labels[n_train:] + 1) % 3
+    again = solve.solve_kernel(gram, labels=poisoned, n_train=n_train, lambdas=(0.0, 1e-3, 1e-1),
+                               panel_width=20)
+    assert again["selection"] == result["selection"]
+    assert again["validated"]["lambda"] == result["validated"]["lambda"]
+    assert again["paper"]["accuracy"] != result["paper"]["accuracy"]
+
+
+def test_selection_matches_a_direct_numpy_validation(rng):
+    k, gram, labels = _labelled_problem(rng)
+    n_train, grid = 60, (0.0, 1e-2, 1.0, 10.0)
+    sel = solve.select_lambda(gram[:n_train, :n_train], labels[:n_train], lambdas=grid, n_classes=3,
+                              val_fraction=0.25, seed=7)
+    fit, val = solve.validation_split(labels[:n_train], fraction=0.25, seed=7)
+    kf = k[np.ix_(fit, fit)]
+    for lam in grid:
+        alpha = np.linalg.solve(kf + lam * np.mean(np.diag(kf)) * np.eye(fit.size),
+                                targets(labels[fit], n_classes=3))
+        acc = np.mean((k[np.ix_(val, fit)] @ alpha).argmax(axis=1) == labels[val])
+        assert sel["val_accuracy"][lam] == acc
+    best = max(sel["val_accuracy"].values())
+    assert sel["lambda"] == min(l for l, a in sel["val_accuracy"].items() if a == best)
+
+
+def test_nan_tiles_are_reported_as_incomplete(rng):
+    k, _ = spd_gram(rng, 20, chunk=5)
+    k[15:, :5] = np.nan
+    with pytest.raises(solve.IncompleteKernel):
+        solve.cholesky_blocked(da.from_array(k, chunks=(5, 5)), panel_width=5)
+
+
+def fake_cupy(monkeypatch, *, free_bytes):
+    """A numpy stand-in with the CuPy calls pipeline.solve makes, so the device branch runs on CPU.
+    Like cuSOLVER (and unlike numpy), its cholesky returns NaN instead of raising on a non-PD block."""
+    import contextlib
+    import sys
+    import types
+
+    from scipy.linalg import solve_triangular
+
+    def cholesky(a):
+        try:
+            return np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            return np.full_like(a, np.nan)
+
+    xp = types.SimpleNamespace(
+        asarray=np.asarray, asnumpy=lambda a: np.array(a), arange=np.arange, isfinite=np.isfinite,
+        flatnonzero=np.flatnonzero, diagonal=np.diagonal, linalg=types.SimpleNamespace(cholesky=cholesky),
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (free_bytes, free_bytes))))
+    linalg = types.ModuleType("cupyx.scipy.linalg")
+    linalg.solve_triangular = solve_triangular
+    cupyx = types.ModuleType("cupyx")
+    cupyx.errstate = lambda **kw: contextlib.nullcontext()
+    for name, module in (("cupyx", cupyx), ("cupyx.scipy", types.ModuleType("cupyx.scipy")),
+                         ("cupyx.scipy.linalg", linalg)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(solve, "array_module", lambda device: xp)
+    return xp
+
+
+@pytest.mark.parametrize("free_bytes,n_panels", [(10**9, 1), (1000, 4)])
+def test_device_branch_with_a_numpy_stand_in(rng, monkeypatch, free_bytes, n_panels):
+    k, a = spd_gram(rng, 53, chunk=8)
+    b = rng.standard_normal((53, 10))
+    fake_cupy(monkeypatch, free_bytes=free_bytes)
+    factor = solve.cholesky_blocked(a, device="gpu", memory_budget=4 * 16 * 53 * 8)
+    assert len(factor.bounds) == n_panels   # in core when the device has room, 16-column panels if not
+    assert rel_err(solve.cho_solve_blocked(factor, b), np.linalg.solve(k, b)) <= 1e-8
+    factor.close()
+    bad = k.copy()
+    bad[30, 30] = -1.0
+    with pytest.raises(solve.NotPositiveDefinite):
+        solve.cholesky_blocked(da.from_array(bad, chunks=8), device="gpu", memory_budget=4 * 16 * 53 * 8)
+
+
+@pytest.mark.gpu
+def test_gpu_blocked_and_in_core_match_numpy(rng):
+    cupy = pytest.importorskip("cupy")
+    if cupy.cuda.runtime.getDeviceCount() == 0:
+        pytest.skip("no CUDA device")
+    k, a = spd_gram(rng, 53, chunk=8)
+    b = rng.standard_normal((53, 10))
+    for panel_width in (None, 16):
+        factor = solve.cholesky_blocked(a, device="gpu", panel_width=panel_width)
+        assert rel_err(solve.cho_solve_blocked(factor, b), np.linalg.solve(k, b)) <= 1e-8
+        factor.close()
