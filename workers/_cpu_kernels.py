@@ -48,17 +48,22 @@ LANES = 16  # column images per batch
 
 
 @nb.njit(**JIT)
-def _box(src, dst, rows, H, W):
-    """dst[1+i, (1+j)*LANES + lane] = 3x3 box sum of src around it, for i < H, j < W.
+def _box2(src_a, dst_a, src_b, dst_b, rows_a, rows_b, H, W):
+    """dst[1+i, (1+j)*LANES + lane] = 3x3 box sum of src around it, for i < H, j < W, for two maps at once.
 
-    src, dst: (P+2, (Q+2)*LANES), src with a zero halo; rows: (P+2, Q*LANES) scratch."""
+    src_*, dst_*: (P+2, (Q+2)*LANES), src with a zero halo; rows_*: (P+2, Q*LANES) scratch."""
     n = W * LANES
     for r in range(H + 2):
+        sa, sb, ra, rb = src_a[r], src_b[r], rows_a[r], rows_b[r]
         for m in range(n):
-            rows[r, m] = src[r, m] + src[r, m + LANES] + src[r, m + 2 * LANES]
+            ra[m] = sa[m] + sa[m + LANES] + sa[m + 2 * LANES]
+            rb[m] = sb[m] + sb[m + LANES] + sb[m + 2 * LANES]
     for i in range(H):
+        da, db = dst_a[1 + i, LANES:], dst_b[1 + i, LANES:]
+        a0, a1, a2, b0, b1, b2 = rows_a[i], rows_a[i + 1], rows_a[i + 2], rows_b[i], rows_b[i + 1], rows_b[i + 2]
         for m in range(n):
-            dst[1 + i, LANES + m] = rows[i, m] + rows[i + 1, m] + rows[i + 2, m]
+            da[m] = a0[m] + a1[m] + a2[m]
+            db[m] = b0[m] + b1[m] + b2[m]
 
 
 @nb.njit(**JIT)
@@ -72,14 +77,14 @@ def _zero_halo(buf, H, W):
 
 @nb.njit(**JIT)
 def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_ntk, acc_nngp,
-               sig, the, kk, uu, rows, rsum_u, rsum_k):
+               sig, the, kk, uu, rows, rows2, rsum_u, rsum_k):
     """Run displacement slice (di, dj) of the pairs (a, lane) through every layer; add its sums into acc_*.
 
     xa, yb: (C, P, Q*LANES) row image (broadcast) and column images; rsa, sqa, rsb, sqb: (L, P, Q*LANES) 1/sqrt and
     sqrt of the per-layer diagonal maps d^(h-1). self_lane: (LANES,) bool, the column image is identical to the row
     image; at (di, dj) = (0, 0) its rho is then exactly 1 (Cauchy-Schwarz), set rather than left to rounding.
     consts: [pi, c_sigma / q^2 / (2 pi)] in the compute dtype. acc_ntk, acc_nngp: float64 (L, LANES).
-    sig, the, kk, uu: (P+2, (Q+2)*LANES) scratch; rows, rsum_*: (P+2, Q*LANES) and (Q*LANES,) scratch.
+    sig, the, kk, uu: (P+2, (Q+2)*LANES) scratch; rows, rows2, rsum_*: (P+2, Q*LANES) and (Q*LANES,) scratch.
     """
     C = xa.shape[0]
     P = xa.shape[1]
@@ -105,11 +110,12 @@ def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_n
             xc, yc = xr[c], yr[c]
             for m in range(n):
                 k_row[m] += xc[m] * yc[m]
-    _box(kk, sig, rows, H, W)  # Sigma^(0)
-    for i in range(H):
-        s_row, t_row = sig[1 + i, LANES:], the[1 + i, LANES:]
-        for m in range(n):
-            t_row[m] = zero if gap else s_row[m]  # Theta^(0)
+    _box2(kk, sig, kk, the, rows, rows2, H, W)  # Sigma^(0), and Theta^(0) = Sigma^(0) (vanilla) ...
+    if gap:  # ... or 0 (GAP: first layer fixed)
+        for i in range(H):
+            t_row = the[1 + i, LANES:]
+            for m in range(n):
+                t_row[m] = zero
     fix_self = di == 0 and dj == 0 and self_lane.any()
     for h in range(L):
         for i in range(H):
@@ -147,8 +153,7 @@ def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_n
                 acc_ntk[h, lane] += su - sk if gap else su
                 acc_nngp[h, lane] += sk
         if h + 1 < L:
-            _box(kk, sig, rows, H, W)
-            _box(uu, the, rows, H, W)
+            _box2(kk, sig, uu, the, rows, rows2, H, W)
 
 
 @nb.njit(**JIT)
@@ -193,6 +198,7 @@ def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, task_a, task_b, same, gap, consts):
         kk = np.empty_like(sig)
         uu = np.empty_like(sig)
         rows = np.empty((P + 2, Q * LANES), dt)
+        rows2 = np.empty_like(rows)
         rsum_u = np.empty(Q * LANES, dt)
         rsum_k = np.empty(Q * LANES, dt)
         acc_ntk = np.zeros((L, LANES))
@@ -201,7 +207,7 @@ def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, task_a, task_b, same, gap, consts):
         for di in range(-span_i, span_i + 1):
             for dj in range(-span_j, span_j + 1):
                 _run_slice(xa, ys[b], rsa, sqa, rsy[b], sqy[b], di, dj, self_lane, gap, consts,
-                           acc_ntk, acc_nngp, sig, the, kk, uu, rows, rsum_u, rsum_k)
+                           acc_ntk, acc_nngp, sig, the, kk, uu, rows, rows2, rsum_u, rsum_k)
         for h in range(L):
             for lane in range(LANES):
                 ntk[h, a, b * LANES + lane] = acc_ntk[h, lane] * scale
