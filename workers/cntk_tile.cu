@@ -4,8 +4,8 @@
 // image pair: lane j holds column j, register i holds row i, so entry (i, j) pairs x at (i, j) with y at
 // ((i + ci) % 32, (j + cj) % 32). Sigma and Theta of the block stay in registers for every layer; the 3x3 box sum
 // (tr_D) runs along registers for rows and through warp shuffles for columns, zero padded at the image edges and
-// across the cut lines i = 32 - ci, j = 32 - cj. Memory traffic per layer is the two per-image diagonal maps and
-// one partial sum per warp.
+// across the cut lines i = 32 - ci, j = 32 - cj. Per layer, only the two per-image diagonal maps are read and one
+// float64 sum per CUDA block and kind is written (GAP: atomicAdd; vanilla: one warp per pair, plain stores).
 //
 // Compile-time options (-D), all optional; the launcher (workers/gpu.py) passes the same ones:
 //   WARPS_PER_BLOCK  warps per CUDA block (default 8).

@@ -11,7 +11,6 @@ writes float64 sums into one of two output slots; a second stream copies a finis
 while the next launch runs, and the host scatters it into the result arrays.
 """
 import functools
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,10 @@ DEFAULT_OPTIONS = (("WARPS_PER_BLOCK", 8), ("BLOCKS_PER_WARP", 1), ("MIN_BLOCKS_
 MAX_LAYERS = dict(DEFAULT_OPTIONS)["MAX_LAYERS"]
 WORK_PER_LAUNCH = 2 ** 33                      # entry-layers per launch: ~10 ms of GPU time, small output slots
 MAX_PAIRS_PER_LAUNCH = 65536
-# SASS instructions of one entry-layer of cntk_gap_tile (layer-loop body / 32 rows, sm_90); see docs/gpu.md.
-INSTR_PER_ENTRY_LAYER = 52
-FP32_INSTR_PER_ENTRY_LAYER = 40
+# Instructions per entry-layer: the SASS of the layer loop (sm_90, nvcc 13, default options) over its 32 rows;
+# all issued instructions, and those on the FP32 pipe (FFMA/FMUL/FADD/FMNMX/FSETP/FSEL). See docs/gpu.md.
+INSTR_PER_ENTRY_LAYER = {"gap": 52, "vanilla": 49}
+FP32_INSTR_PER_ENTRY_LAYER = {"gap": 40, "vanilla": 38}
 
 _device_id = None
 _device_lock = threading.Lock()
@@ -227,31 +227,30 @@ class _LaunchRunner:
                              self_dev[start:stop], np.int32(count), np.int32(self.layers), out))
                 done = self.compute.record()
                 self.copy.wait_event(done)
-                out.get(stream=self.copy, out=slot["host"][:count])
+                out.get(stream=self.copy, out=slot["host"][:count], blocking=False)
                 slot["copied"] = self.copy.record()
                 slot["pending"] = (rows.start + pair_a[start:stop], cols.start + pair_b[start:stop], count)
                 self.launches += 1
-            # the device buffers of this sub-tile may be freed only after its launches ran
+            # this sub-tile's images and maps are freed on return: let its launches finish first
             self.compute.synchronize()
 
     def _free_slot(self):
+        """The slot of the next launch; a slot still holding results is scattered first (waits for its copy)."""
         slot = self.slots[self.launches % 2]
         if slot["pending"] is not None:
             self._scatter(slot)
-        self.compute.wait_event(slot["copied"]) if slot["copied"] is not None else None
         return slot
 
     def _scatter(self, slot):
         slot["copied"].synchronize()
         ga, gb, count = slot["pending"]
-        values = slot["host"][:count].transpose(2, 1, 0) * self.scale   # (2, layers, count)
+        values = slot["host"][:count].transpose(2, 1, 0) * self.scale   # (2 kinds, layers, count)
         self.result[:, :, ga, gb] = values
         if self.mirror:
             self.result[:, :, gb, ga] = values
         slot["pending"] = None
 
     def finish(self):
-        for slot in sorted(self.slots, key=lambda s: s["pending"] is None):
+        for slot in self.slots:
             if slot["pending"] is not None:
                 self._scatter(slot)
-        self.copy.synchronize()

@@ -1,0 +1,274 @@
+"""GPU throughput: fused tile kernels (workers/cntk_tile.cu) vs the Appendix-I baseline (workers/baseline.cu).
+
+    python benchmarks/bench_gpu.py [--depths 3,6,11,21] [--archs gap,vanilla] [--min-seconds 0.5] [--out FILE]
+
+Measures kernel time with CUDA events on the current device (images, diagonal maps and pair lists are prepared
+beforehand for both, as in the paper's code), pairs per second for CNTK-GAP and CNTK-V at each depth, the ratio
+to the baseline on the same GPU, the achieved fraction of the FP32 instruction limit by the instruction count of
+docs/gpu.md, and the kernel-time projection of CNTK-V (all depths to 21 in one pass) over 1.75e9 pairs. Writes JSON
+to benchmarks/results/. Fails with a clear message when CuPy or a GPU is missing.
+"""
+import argparse
+import collections
+import datetime
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from workers import gpu  # noqa: E402
+
+FULL_CIFAR_PAIRS = 50000 * 50001 // 2 + 50000 * 10000     # train upper triangle + train x test ~= 1.75e9
+ENTRIES = 32 ** 4
+THREADS = 256                                              # baseline.cu element-wise kernels
+MAX_IMAGES = 2048                                          # fused launches: at most 2048^2 pairs
+BASELINE_IMAGES = 4
+
+
+def require_gpu():
+    try:
+        import cupy
+    except ImportError as exc:
+        sys.exit(f"bench_gpu: CuPy is not importable ({exc}); install the 'gpu' extra on a machine with a CUDA GPU")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("zero devices")
+    except Exception as exc:
+        sys.exit(f"bench_gpu: no CUDA GPU usable ({exc}); this benchmark needs one")
+    return cupy
+
+
+def device_info(cupy) -> dict:
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    clock_khz = props.get("clockRate") or cupy.cuda.runtime.deviceGetAttribute(13, dev.id)  # cudaDevAttrClockRate
+    major, minor = props["major"], props["minor"]
+    return {"name": name, "compute_capability": f"{major}.{minor}", "sm_count": props["multiProcessorCount"],
+            "fp32_lanes_per_sm": 64 if (major, minor) == (8, 0) else 128, "clock_mhz": clock_khz / 1000,
+            "driver_version": cupy.cuda.runtime.driverGetVersion(),
+            "cuda_runtime_version": cupy.cuda.runtime.runtimeGetVersion(), "cupy_version": cupy.__version__}
+
+
+def timed(cupy, launch) -> float:
+    """Seconds of GPU time of launch() between two events (after one untimed warm-up call)."""
+    launch()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    launch()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) / 1000.0
+
+
+def prepare(cupy, module, n_images: int, layers: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = cupy.asarray(rng.standard_normal((n_images, 32, 32, 3)).astype(np.float32))
+    maps = cupy.empty((n_images, layers, 64, 32, 2), cupy.float32)
+    module.get_function("diag_maps")((n_images,), (1024,), (images, np.int32(n_images), np.int32(layers), maps))
+    return images, maps
+
+
+def fused_pairs_per_s(cupy, module, *, arch: str, layers: int, min_seconds: float, n_start: int = 8) -> dict:
+    """Pairs/s of one launch over all n^2 pairs of n random images; n doubles until a launch lasts min_seconds.
+    Also returns the device output (n^2, layers, 2) float64 sums and n."""
+    warps = dict(gpu.DEFAULT_OPTIONS)["WARPS_PER_BLOCK"]
+    chunks = 1024 // (warps * dict(gpu.DEFAULT_OPTIONS)["BLOCKS_PER_WARP"])
+    kernel = module.get_function(gpu.KERNEL_NAMES[arch])
+    n = n_start
+    while True:
+        images, maps = prepare(cupy, module, n, layers)
+        pa, pb = (cupy.asarray(v) for v in gpu.pair_lists(n, n, diagonal=False))
+        same = (pa == pb).astype(cupy.uint8)
+        out = cupy.zeros((len(pa), layers, 2), cupy.float64)
+        grid = len(pa) * chunks if arch == "gap" else -(-len(pa) // warps)
+
+        def launch():
+            out.fill(0)
+            kernel((grid,), (32 * warps,), (images, images, maps, maps, pa, pb, same, np.int32(len(pa)),
+                                            np.int32(layers), out))
+        seconds = timed(cupy, launch)
+        if seconds >= min_seconds or n >= MAX_IMAGES:
+            return {"n": n, "pairs": int(len(pa)), "kernel_seconds": seconds, "pairs_per_s": len(pa) / seconds,
+                    "out": out}
+        del out
+        n *= 2
+
+
+def baseline_pairs_per_s(cupy, module, base, *, arch: str, layers: int, min_seconds: float) -> dict:
+    """Pairs/s of the Appendix-I scheme: pair by pair, 32^4 tensors, one launch per operation and layer."""
+    grid, block = ((ENTRIES + THREADS - 1) // THREADS,), (THREADS,)
+    k = {name: base.get_function(name) for name in
+         ("base_products", "base_trace_d", "base_relu", "base_theta", "base_sum")}
+    n = BASELINE_IMAGES
+    images, maps = prepare(cupy, module, n, layers)
+    tensors = {name: cupy.empty(ENTRIES, cupy.float32) for name in ("prod", "sigma", "theta", "k", "kdot", "u")}
+    total = cupy.zeros(1, cupy.float64)
+    pairs = [(a, b) for a in range(n) for b in range(n)]
+    values = []
+
+    def one_pair(a, b):
+        t = tensors
+        k["base_products"](grid, block, (images[a], images[b], t["prod"]))
+        k["base_trace_d"](grid, block, (t["prod"], t["sigma"]))
+        if arch == "gap":
+            t["theta"].fill(0)
+        else:
+            t["theta"][...] = t["sigma"]
+        for h in range(layers):
+            k["base_relu"](grid, block, (t["sigma"], maps[a, h], maps[b, h], np.int32(a == b), t["k"], t["kdot"]))
+            last = h + 1 == layers
+            k["base_theta"](grid, block, (t["kdot"], t["theta"], t["k"], np.int32(not (last and arch == "gap")),
+                                          t["u"]))
+            if not last:
+                k["base_trace_d"](grid, block, (t["k"], t["sigma"]))
+                k["base_trace_d"](grid, block, (t["u"], t["theta"]))
+        total.fill(0)
+        k["base_sum"](grid, block, (t["u"], np.int32(arch == "vanilla"), total))
+
+    def launch():
+        values.clear()
+        for a, b in pairs:
+            one_pair(a, b)
+            values.append(total.copy())   # stays on the device; read after timing
+    start = time.perf_counter()
+    while True:
+        seconds = timed(cupy, launch)
+        if seconds >= min_seconds or len(pairs) >= 4096:
+            break
+        pairs = pairs * 2
+    scale = 1.0 / ENTRIES if arch == "gap" else 1.0
+    final = np.array([float(v.get()[0]) * scale for v in values[:n * n]])
+    return {"pairs": len(pairs), "kernel_seconds": seconds, "pairs_per_s": len(pairs) / seconds,
+            "final_depth_values": final, "wall_seconds": time.perf_counter() - start}
+
+
+def count_sass(*, sm: str = "sm_90") -> dict | None:
+    """Instructions per entry-layer counted from the SASS of each tile kernel's layer loop (the backward branch whose
+    body holds the most MUFU), divided by its 32 unrolled rows. None when nvcc or cuobjdump is missing."""
+    if not (shutil.which("nvcc") and shutil.which("cuobjdump")):
+        return None
+    fp32_ops = ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL")
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "tile.cubin"
+        subprocess.run(["nvcc", *gpu.compile_options(), f"-arch={sm}", "--cubin", "-o", str(cubin),
+                        str(gpu.KERNEL_SOURCE)], check=True)
+        for arch, name in gpu.KERNEL_NAMES.items():
+            sass = subprocess.run(["cuobjdump", "-sass", "-fun", name, str(cubin)], check=True, text=True,
+                                  capture_output=True).stdout
+            rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;(.*)", sass)
+            addrs = [int(r[0], 16) for r in rows]
+            ops = [r[2] for r in rows]
+            best = []
+            for k, line in enumerate(re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)):
+                target = re.search(r"BRA (0x[0-9a-f]+)", line)
+                if target and int(target.group(1), 16) in addrs and int(target.group(1), 16) < addrs[k]:
+                    body = ops[addrs.index(int(target.group(1), 16)):k + 1]
+                    best = body if body.count("MUFU") > best.count("MUFU") else best
+            c = collections.Counter(best)
+            counts[arch] = {"sm": sm, "per_entry_layer": len(best) / 32,
+                            "fp32_pipe_per_entry_layer": sum(c[o] for o in fp32_ops) / 32,
+                            "by_opcode_per_entry_layer": {o: n / 32 for o, n in c.most_common()}}
+    return counts
+
+
+def accuracy(*, max_depth: int = 21, seed: int = 1) -> dict:
+    """Max relative error of workers.gpu.tile_kernels vs the float64 reference (workers.reference) on a 2 x 2 tile
+    (one pair an image with itself) and a 2-image diagonal tile, every depth 2..max_depth, both archs and kinds."""
+    from workers.reference import cntk_reference
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    y = np.stack([x[0], rng.standard_normal((32, 32, 3)).astype(np.float32)])
+    errors = {}
+    for name, yy in (("off_diagonal_2x2", y), ("diagonal_2", None)):
+        got = gpu.tile_kernels(x, yy, archs=("vanilla", "gap"), max_depth=max_depth)
+        want = cntk_reference(x, yy, max_depth=max_depth, archs=("vanilla", "gap"))
+        for key in want:
+            err = np.abs(got[key] - want[key])   # relative, absolute where the exact value is 0 (GAP NTK, depth 2)
+            errors[f"{name}/{key}"] = float(np.max(np.where(want[key] != 0, err / np.abs(want[key] + (want[key] == 0)),
+                                                            err)))
+    return {"max_depth": max_depth, "max_rel_error": errors, "tolerance": 1e-5,
+            "passed": all(e <= 1e-5 for e in errors.values())}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default="3,6,11,21", help="paper depths (conv layers + 1), comma separated")
+    parser.add_argument("--archs", default="gap,vanilla", help="gap and/or vanilla, comma separated")
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="shortest timed launch (s)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="skip the float64-reference check (~1 min)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    depths = [int(d) for d in args.depths.split(",")]
+    archs = args.archs.split(",")
+    bad = [a for a in archs if a not in gpu.KERNEL_NAMES] + [d for d in depths if not 2 <= d <= gpu.MAX_LAYERS + 1]
+    if bad:
+        sys.exit(f"bench_gpu: bad --archs/--depths value(s) {bad}; allowed archs gap, vanilla and depths "
+                 f"2..{gpu.MAX_LAYERS + 1}")
+    cupy = require_gpu()
+    info = device_info(cupy)
+    module = gpu.load_module(cupy.cuda.Device().id, gpu.compile_options())
+    base = cupy.RawModule(code=(REPO / "workers" / "baseline.cu").read_text(), options=("-std=c++17",))
+    limit = info["sm_count"] * info["fp32_lanes_per_sm"] * info["clock_mhz"] * 1e6   # lane-instructions / s
+    results = []
+    for arch in archs:
+        for depth in depths:
+            layers = depth - 1
+            fused = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=args.min_seconds)
+            baseline = baseline_pairs_per_s(cupy, module, base, arch=arch, layers=layers,
+                                            min_seconds=args.min_seconds)
+            # the same first images and pairs through the fused kernel: the baseline must agree
+            check = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=0.0,
+                                      n_start=BASELINE_IMAGES)
+            fused_final = check["out"].get()[:, layers - 1, 0] * (1.0 / ENTRIES if arch == "gap" else 1.0)
+            rel = np.abs(fused_final - baseline["final_depth_values"]) / np.maximum(np.abs(fused_final), 1e-30)
+            entry_layers = gpu.ENTRIES_PER_PAIR[arch] * layers
+            row = {"arch": arch, "depth": depth, "layers": layers,
+                   "fused_pairs_per_s": fused["pairs_per_s"], "fused_pairs_timed": fused["pairs"],
+                   "fused_kernel_seconds": fused["kernel_seconds"],
+                   "baseline_pairs_per_s": baseline["pairs_per_s"], "baseline_pairs_timed": baseline["pairs"],
+                   "baseline_kernel_seconds": baseline["kernel_seconds"],
+                   "ratio": fused["pairs_per_s"] / baseline["pairs_per_s"],
+                   "fused_fraction_of_fp32_limit": fused["pairs_per_s"] * entry_layers
+                   * gpu.INSTR_PER_ENTRY_LAYER[arch] / limit,
+                   "fused_fraction_fp32_pipe_only": fused["pairs_per_s"] * entry_layers
+                   * gpu.FP32_INSTR_PER_ENTRY_LAYER[arch] / limit,
+                   "baseline_vs_fused_max_rel_diff": float(rel.max())}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    report = {"benchmark": "gpu tile kernels vs Appendix-I baseline", "device": info,
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+              "host": platform.node(), "compile_options": list(gpu.compile_options()),
+              "instr_per_entry_layer": gpu.INSTR_PER_ENTRY_LAYER,
+              "fp32_pipe_instr_per_entry_layer": gpu.FP32_INSTR_PER_ENTRY_LAYER,
+              "fp32_instruction_limit_per_s": limit, "sass_count": count_sass(),
+              "fraction_definition": "pairs/s * entries per pair * layers * instr_per_entry_layer / "
+                                     "(SMs * FP32 lanes per SM * clock); see docs/gpu.md",
+              "results": results,
+              "accuracy": None if args.skip_accuracy else accuracy()}
+    vanilla21 = [r for r in results if r["arch"] == "vanilla" and r["depth"] == 21]
+    if vanilla21:
+        report["projection_cntk_v_all_depths_to_21"] = {
+            "pairs": FULL_CIFAR_PAIRS, "kernel_seconds": FULL_CIFAR_PAIRS / vanilla21[0]["fused_pairs_per_s"],
+            "method": "one depth-21 pass yields depths 2..21; kernel seconds = pairs / measured pairs per second "
+                      f"of a {vanilla21[0]['fused_pairs_timed']}-pair launch"}
+    out = args.out or REPO / "benchmarks" / "results" / (
+        f"gpu-{info['name'].replace(' ', '_')}-{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
