@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from . import _cpu_kernels as _k
-from .validate import check_archs, check_depth, check_pair
+from .validate import check_archs, check_depth, check_pair, same_images
 
 # numba's default threading layer cannot run two parallel regions at once: serialise calls from Dask threads.
 _LOCK = threading.Lock()
@@ -55,16 +55,6 @@ def _lanes_last(a, width):
         m // lanes, k, p, q * lanes)
 
 
-def _same_images(x, y):
-    """(n, m) bool: x[a] and y[b] are byte-identical images."""
-    hx = np.array([hash(im.tobytes()) for im in x])
-    hy = hx if y is x else np.array([hash(im.tobytes()) for im in y])
-    same = hx[:, None] == hy[None, :]
-    for a, b in zip(*np.nonzero(same)):
-        same[a, b] = np.array_equal(x[a], y[b])
-    return same
-
-
 def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dtype=np.float32) -> dict:
     """CNTK (and NNGP) blocks for every depth 2..max_depth in one pass.
 
@@ -91,7 +81,7 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
     conv = [a for a in archs if a != "fc"]
     if conv:
         same = np.zeros((n, width), bool)
-        same[:, :m] = _same_images(x, yy)
+        same[:, :m] = same_images(x, yy)
         xs, rsx, sqx = _prepare(x, n_layers, dtype)
         ys, rsy, sqy = (xs, rsx, sqx) if sym else _prepare(yy, n_layers, dtype)
         ys, rsy, sqy = (_lanes_last(v, width) for v in (ys, rsy, sqy))

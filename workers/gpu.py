@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .validate import check_archs, check_depth, check_pair
+from .validate import check_archs, check_depth, check_pair, same_images
 
 KERNEL_SOURCE = Path(__file__).parent / "cntk_tile.cu"
 SIDE, CHANNELS = 32, 3
@@ -87,16 +87,6 @@ def pair_lists(n: int, m: int, *, diagonal: bool) -> tuple[np.ndarray, np.ndarra
     a, b = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(m, dtype=np.int32), indexing="ij")
     keep = a <= b if diagonal else np.ones(a.shape, bool)
     return a[keep], b[keep]
-
-
-def same_images(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(n, m) bool: x[a] and y[b] are byte-identical (their zero-displacement rho is exactly 1)."""
-    hx = np.array([hash(im.tobytes()) for im in x])
-    hy = hx if y is x else np.array([hash(im.tobytes()) for im in y])
-    same = hx[:, None] == hy[None, :]
-    for a, b in zip(*np.nonzero(same)):
-        same[a, b] = np.array_equal(x[a], y[b])
-    return same
 
 
 def use_device(device_id: int) -> None:
