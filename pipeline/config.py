@@ -1,0 +1,292 @@
+"""Run configuration: YAML -> one frozen, validated dataclass tree.
+
+The YAML users write (every key optional except where noted):
+
+    data:    {source: cifar10, root: DIR, train: 2000, test: 2000, classes: [0, 1],
+              train_index: [...], test_index: [...], test_test: false, download: true}
+    kernel:  {archs: [vanilla, gap], kinds: [ntk, nngp], depths: [3, 4, 6, 11, 21]}
+    tiles:   {size: 500}
+    backend: auto                 # auto | cpu | gpu
+    store:   runs/quickstart.zarr
+    cluster: {scheduler: null, scheduler_file: null, workers: 1, threads: null,
+              max_in_flight: null, retries: 2}
+
+Validation happens once, in `load_config` / `build_config`; every error names the field and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+ARCHS = ("vanilla", "gap", "fc")
+KINDS = ("ntk", "nngp")
+BACKENDS = ("auto", "cpu", "gpu")
+SOURCES = ("cifar10",)
+N_CLASSES = 10
+SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images. `train`/`test`: first N of each split (after class filtering); None = all."""
+    source: str = "cifar10"
+    root: str = "data"
+    train: int | None = None
+    test: int | None = None
+    classes: tuple[int, ...] | None = None
+    train_index: tuple[int, ...] | None = None
+    test_index: tuple[int, ...] | None = None
+    test_test: bool = False
+    download: bool = True
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    archs: tuple[str, ...] = ("vanilla", "gap")
+    kinds: tuple[str, ...] = ("ntk", "nngp")
+    depths: tuple[int, ...] = (3, 4, 6, 11, 21)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Kernel keys '{kind}-{arch}' in a fixed order (arch-major)."""
+        return tuple(f"{kind}-{arch}" for arch in self.archs for kind in self.kinds)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    size: int = 500
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where tasks run. No scheduler = an embedded local cluster of `workers` processes.
+
+    threads: numba threads per worker (default: cores // workers); max_in_flight: tasks submitted at
+    once (default: 2 per worker); retries: re-runs of a failed tile task before giving up.
+    """
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    workers: int = 1
+    threads: int | None = None
+    max_in_flight: int | None = None
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    tiles: TileConfig = field(default_factory=TileConfig)
+    backend: str = "auto"
+    store: str = "runs/cntk.zarr"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+SECTIONS = {"data": DataConfig, "kernel": KernelConfig, "tiles": TileConfig, "cluster": ClusterConfig}
+# Fields that do not change any computed number: ignored when a store's config is compared on resume.
+NON_RESULT_FIELDS = ("data.root", "data.download", "backend", "store", "cluster")
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file, apply dotted-path `overrides` ({"data.train": 100}), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path}: top level must be a mapping with keys {_allowed(RunConfig)}")
+    return build_config(raw, overrides)
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a plain mapping (as read from YAML) into a RunConfig."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        if name:
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise UserError(f"config: '{section}' must be a mapping")
+            raw[section][name] = value
+        else:
+            raw[section] = value
+    _check_keys("config", raw, _allowed(RunConfig))
+    if "root" not in (raw.get("data") or {}) and os.environ.get("CNTK_CIFAR_ROOT"):
+        raw.setdefault("data", {})["root"] = os.environ["CNTK_CIFAR_ROOT"]
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise UserError(f"config: '{name}' must be a mapping with keys {_allowed(cls)}")
+        _check_keys(name, value, _allowed(cls))
+        sections[name] = value
+    config = RunConfig(
+        data=_data(sections["data"]),
+        kernel=_kernel(sections["kernel"]),
+        tiles=TileConfig(size=_int("tiles.size", sections["tiles"].get("size", TileConfig.size), low=1)),
+        backend=_choice("backend", raw.get("backend", "auto"), BACKENDS),
+        store=_str("store", raw.get("store", RunConfig.store)),
+        cluster=_cluster(sections["cluster"]),
+    )
+    return config
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples -> lists), as stored in the store's attributes."""
+    return _plain(dataclasses.asdict(config))
+
+
+def result_fields(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Flatten to {'data.train': 100, ...} keeping only fields that change computed numbers."""
+    flat = {}
+    for section, value in config_dict.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, v in items:
+            dotted = f"{section}.{name}" if name else section
+            if dotted in NON_RESULT_FIELDS or section in NON_RESULT_FIELDS:
+                continue
+            flat[dotted] = v
+    return flat
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences in result-changing fields: ["kernel.depths: store [3] vs config [3, 4]"]."""
+    a, b = result_fields(stored), result_fields(current)
+    return [f"{k}: store has {a.get(k)!r}, config has {b.get(k)!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# --- validation helpers -------------------------------------------------------------------------
+
+def _data(raw: dict) -> DataConfig:
+    source = _choice("data.source", raw.get("source", "cifar10"), SOURCES)
+    classes = _int_list("data.classes", raw.get("classes"), low=0, high=N_CLASSES - 1)
+    if classes is not None and len(set(classes)) != len(classes):
+        raise UserError(f"data.classes: repeated class in {list(classes)}")
+    counts, indexes = {}, {}
+    for split, size in SPLIT_SIZES.items():
+        counts[split] = _int(f"data.{split}", raw.get(split), low=0 if split == "test" else 1,
+                             high=size, optional=True)
+        indexes[split] = _int_list(f"data.{split}_index", raw.get(f"{split}_index"), low=0, high=size - 1)
+        index = indexes[split]
+        if index is not None:
+            if len(set(index)) != len(index):
+                raise UserError(f"data.{split}_index: repeated indices are not allowed")
+            if classes is not None:
+                raise UserError(f"data.{split}_index cannot be combined with data.classes; pick one")
+            if counts[split] is not None and counts[split] != len(index):
+                raise UserError(f"data.{split}={counts[split]} but data.{split}_index has {len(index)} "
+                                f"entries; drop data.{split} or make them agree")
+            if split == "train" and not index:
+                raise UserError("data.train_index: needs at least one index")
+    return DataConfig(
+        source=source, root=_str("data.root", raw.get("root", DataConfig.root)),
+        train=counts["train"], test=counts["test"], classes=classes,
+        train_index=indexes["train"], test_index=indexes["test"],
+        test_test=_bool("data.test_test", raw.get("test_test", False)),
+        download=_bool("data.download", raw.get("download", True)),
+    )
+
+
+def _kernel(raw: dict) -> KernelConfig:
+    archs = _names("kernel.archs", raw.get("archs", KernelConfig.archs), ARCHS)
+    kinds = _names("kernel.kinds", raw.get("kinds", KernelConfig.kinds), KINDS)
+    depths = _int_list("kernel.depths", raw.get("depths", KernelConfig.depths), low=2, high=200)
+    if not depths:
+        raise UserError("kernel.depths: needs at least one depth (integers >= 2, e.g. [3, 4, 6, 11, 21])")
+    return KernelConfig(archs=archs, kinds=kinds, depths=tuple(sorted(set(depths))))
+
+
+def _cluster(raw: dict) -> ClusterConfig:
+    scheduler = raw.get("scheduler")
+    scheduler_file = raw.get("scheduler_file")
+    if scheduler is not None and scheduler_file is not None:
+        raise UserError("cluster: give either scheduler (an address) or scheduler_file, not both")
+    return ClusterConfig(
+        scheduler=None if scheduler is None else _str("cluster.scheduler", scheduler),
+        scheduler_file=None if scheduler_file is None else _str("cluster.scheduler_file", scheduler_file),
+        workers=_int("cluster.workers", raw.get("workers", 1), low=1),
+        threads=_int("cluster.threads", raw.get("threads"), low=1, optional=True),
+        max_in_flight=_int("cluster.max_in_flight", raw.get("max_in_flight"), low=1, optional=True),
+        retries=_int("cluster.retries", raw.get("retries", 2), low=0),
+    )
+
+
+def _allowed(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_keys(where: str, raw: dict, allowed: list[str]) -> None:
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UserError(f"{name}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _names(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(f"{name}: must be a non-empty list from {', '.join(allowed)}")
+    for v in value:
+        _choice(name, v, allowed)
+    return tuple(v for v in allowed if v in value)  # canonical order, duplicates dropped
+
+
+def _int(name: str, value: Any, *, low: int | None = None, high: int | None = None,
+         optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name}: must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UserError(f"{name}: must be {bounds}, got {value}")
+    return value
+
+
+def _int_list(name: str, value: Any, *, low: int, high: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{name}: must be a list of integers in [{low}, {high}], got {value!r}")
+    return tuple(_int(name, v, low=low, high=high) for v in value)
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise UserError(f"{name}: must be a non-empty string, got {value!r}")
+    return str(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{name}: must be true or false, got {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

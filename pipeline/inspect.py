@@ -1,0 +1,185 @@
+"""Looking into a store while or after it is computed: status, summary, pictures, verification, export."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.errors import UserError
+from pipeline.plan import tile_pairs
+from pipeline.store import (all_records, array_name, bounds_of, open_gram, planned_tiles, read_record,
+                            store_attrs, verify_tile)
+
+RATE_WINDOW = 50  # recent records used for throughput and ETA
+
+
+def status(store_path: str | Path) -> dict:
+    """Progress from the completion records.
+
+    Returns tiles_done, tiles_total, pairs_done, pairs_total, per_array {name: (done, total)},
+    pairs_per_second (over the last RATE_WINDOW records, None if unknown), eta_seconds, last_finished.
+    """
+    info = store_attrs(store_path)["layout"]
+    bounds, planned = bounds_of(info), planned_tiles(info)
+    records = all_records(store_path)
+    per_array = {name: (sum(name in r["checksums"] for r in records.values()), len(planned))
+                 for name in info["arrays"]}
+    pairs_total = sum(tile_pairs(bounds, t) for t in planned)
+    pairs_done = sum(tile_pairs(bounds, t) for t in records)
+    recent = sorted(records.values(), key=lambda r: r["finished"])[-RATE_WINDOW:]
+    rate = None
+    if recent:
+        span = recent[-1]["finished"] - min(r["started"] for r in recent)
+        rate = sum(r["pairs"] for r in recent) / span if span > 0 else None
+    return {
+        "tiles_done": len(records), "tiles_total": len(planned),
+        "pairs_done": pairs_done, "pairs_total": pairs_total, "per_array": per_array,
+        "pairs_per_second": rate,
+        "eta_seconds": (pairs_total - pairs_done) / rate if rate else None,
+        "last_finished": recent[-1]["finished"] if recent else None,
+    }
+
+
+def summary(store_path: str | Path) -> dict:
+    """What the store holds: sizes, kernels, depths, progress, version, data fingerprint, disk use."""
+    attrs = store_attrs(store_path)
+    info = attrs["layout"]
+    disk = sum(p.stat().st_size for p in Path(store_path).rglob("*") if p.is_file())
+    return {
+        "n_train": info["n_train"], "n_test": info["n_test"], "tile": info["tile"],
+        "blocks": len(bounds_of(info)), "test_test": info["test_test"],
+        "kernels": sorted({name.split("/")[1] for name in info["arrays"]}),
+        "depths": sorted({int(name.rsplit("-", 1)[1]) for name in info["arrays"]}),
+        "tiles_done": len(all_records(store_path)), "tiles_total": len(planned_tiles(info)),
+        "version": attrs["version"], "data_fingerprint": attrs["data_fingerprint"], "disk_bytes": disk,
+    }
+
+
+def coverage_png(store_path: str | Path, out: str | Path) -> Path:
+    """PNG of the block grid: done tiles, planned-but-missing tiles, tiles never computed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info = store_attrs(store_path)["layout"]
+    n_blocks = len(bounds_of(info))
+    grid = np.zeros((n_blocks, n_blocks))  # 0 never computed (mirrored or test x test)
+    for tile in planned_tiles(info):
+        grid[tile] = 1
+    for tile in all_records(store_path):
+        grid[tile] = 2
+    fig, ax = plt.subplots(figsize=(6, 6))
+    cmap = matplotlib.colors.ListedColormap(["#dddddd", "#d62728", "#2ca02c"])
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+    n_train_blocks = info["n_train"] // info["tile"]
+    ax.axhline(n_train_blocks - 0.5, color="k", lw=0.8)
+    ax.axvline(n_train_blocks - 0.5, color="k", lw=0.8)
+    ax.set_title(f"tiles done (green) / missing (red); {int((grid == 2).sum())} of {int((grid > 0).sum())}")
+    ax.set_xlabel("column block J")
+    ax.set_ylabel("row block I")
+    out = Path(out)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def tile_report(store_path: str | Path, tile: tuple[int, int], *, heatmap: str | Path | None = None,
+                kernel: str | None = None, depth: int | None = None) -> dict:
+    """Statistics of every array on one tile ({name: {min, max, mean, nan, diag_min}}), the record,
+    and optionally a heatmap PNG of one array (default: the first array)."""
+    info = store_attrs(store_path)["layout"]
+    bounds = bounds_of(info)
+    if not 0 <= tile[0] <= tile[1] < len(bounds):
+        raise UserError(f"tile {tile}: need 0 <= I <= J < {len(bounds)} (only the upper triangle is stored)")
+    (r0, r1), (c0, c1) = bounds[tile[0]], bounds[tile[1]]
+    group = zarr.open_group(store_path, mode="r")
+    stats, blocks = {}, {}
+    for name in info["arrays"]:
+        block = group[name][r0:r1, c0:c1]
+        blocks[name] = block
+        finite = block[np.isfinite(block)]
+        stats[name] = {
+            "min": float(finite.min()) if finite.size else None,
+            "max": float(finite.max()) if finite.size else None,
+            "mean": float(finite.mean()) if finite.size else None,
+            "nan": int(np.isnan(block).sum()),
+            "diag_min": float(np.diag(block).min()) if tile[0] == tile[1] else None,
+        }
+    first_key, first_depth = _key_depth(info["arrays"][0])
+    chosen = array_name(kernel or first_key, depth or first_depth)
+    if chosen not in blocks:
+        raise UserError(f"store has no {chosen}; arrays: {', '.join(info['arrays'])}")
+    report = {"tile": tile, "stats": stats, "record": read_record(store_path, tile), "heatmap": None}
+    if heatmap is not None:
+        report["heatmap"] = str(_heatmap(blocks[chosen], title=f"{chosen} tile {tile}", out=Path(heatmap)))
+    return report
+
+
+def _heatmap(block: np.ndarray, *, title: str, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(block, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def verify(store_path: str | Path) -> dict:
+    """Check every planned tile: done tiles get checksums, NaNs, diagonal positivity and symmetry of
+    diagonal tiles; the stored inputs are checked against the data fingerprint.
+
+    Returns {'tiles_checked', 'tiles_missing', 'problems': [str]}; problems empty = no damage."""
+    from pipeline.data import fingerprint_arrays
+
+    attrs = store_attrs(store_path)
+    info = attrs["layout"]
+    group = zarr.open_group(store_path, mode="r")
+    problems = []
+    try:
+        stored = {name: group[f"inputs/{name}"][:] for name in ("images", "labels", "index", "split")}
+        if fingerprint_arrays(**stored) != attrs["data_fingerprint"]:
+            problems.append("inputs: stored images/labels do not match the data fingerprint")
+    except Exception as exc:  # a damaged input chunk fails its codec on decode
+        problems.append(f"inputs: unreadable ({type(exc).__name__})")
+    records = all_records(store_path)
+    for tile in planned_tiles(info):
+        if tile in records:
+            problems += verify_tile(store_path, tile, record=records[tile], deep=True)
+    return {"tiles_checked": len(records), "tiles_missing": len(planned_tiles(info)) - len(records),
+            "problems": problems}
+
+
+def export(store_path: str | Path, *, kernel: str, depth: int, out: str | Path) -> Path:
+    """Write the assembled symmetric (N, N) float32 matrix to a .npy file, block by block (no full copy
+    in memory). Blocks never computed (test x test unless asked for) are NaN."""
+    gram = open_gram(store_path, kernel, depth)
+    out = Path(out)
+    try:
+        target = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=gram.shape)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    gram.store(target, lock=False, scheduler="threads")
+    target.flush()
+    del target
+    return out
+
+
+def _key_depth(name: str) -> tuple[str, int]:
+    """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11)."""
+    _, key, depth = name.split("/")
+    return key, int(depth.split("-")[1])
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))

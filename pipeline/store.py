@@ -1,0 +1,297 @@
+"""The Zarr v3 store: inputs, one float32 N x N array per kernel and depth, per-tile completion records.
+
+Layout (a user-facing contract; see README "Store contract"):
+
+    inputs/images  float32 (N, 32, 32, 3)  preprocessed, chunks of `tile` rows
+    inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test
+    gram/{kind}-{arch}/depth-{D}  float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
+                                  only chunks (I, J) with I <= J are written
+    tiles/done/{I}-{J}            completion record: a Zarr group whose attributes hold the record
+    attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays}
+
+A record is written atomically after every chunk of its tile; it holds the crc32c of each chunk's
+decoded float32 bytes, so a damaged or missing chunk is detected and the tile recomputed on resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+import crc32c
+import dask.array as da
+import numpy as np
+import zarr
+from dask.highlevelgraph import HighLevelGraph
+from zarr.codecs import Crc32cCodec
+
+from pipeline.config import RunConfig, config_differences, to_dict
+from pipeline.data import Inputs, fingerprint
+from pipeline.errors import UserError
+from pipeline.plan import block_bounds, plan_tiles
+
+RECORDS = "tiles/done"
+
+
+def package_version() -> str:
+    """Installed version of cntk-gram, else the one in the source tree's pyproject.toml."""
+    try:
+        return metadata.version("cntk-gram")
+    except metadata.PackageNotFoundError:
+        try:
+            import tomllib  # Python >= 3.11
+            pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (ImportError, OSError, KeyError, ValueError):
+            return "unknown"
+
+
+def array_name(key: str, depth: int) -> str:
+    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'."""
+    return f"gram/{key}/depth-{depth}"
+
+
+def planned_arrays(config: RunConfig) -> list[str]:
+    return [array_name(key, depth) for key in config.kernel.keys for depth in config.kernel.depths]
+
+
+# --- creating and opening -------------------------------------------------------------------------
+
+def check_existing(store_path: str | Path, config: RunConfig) -> bool:
+    """Before loading data: False if no store at the path; True if a store made with an equivalent
+    config is there; UserError naming the difference otherwise (nothing is touched)."""
+    path = Path(store_path)
+    if not path.exists():
+        return False
+    attrs = _attrs(path)
+    differences = config_differences(attrs["config"], to_dict(config))
+    if differences:
+        raise UserError(f"store {path} was made with a different config ({'; '.join(differences)}); "
+                        f"use another store path or the store's own config")
+    return True
+
+
+def prepare_store(store_path: str | Path, *, config: RunConfig, inputs: Inputs) -> None:
+    """Create the store, or check that an existing one holds exactly these inputs. Never overwrites."""
+    path = Path(store_path)
+    digest = fingerprint(inputs)
+    if check_existing(path, config):
+        stored = _attrs(path)["data_fingerprint"]
+        if stored != digest:
+            raise UserError(f"store {path} was made from different data (fingerprint {stored[:12]} vs "
+                            f"{digest[:12]} now: the CIFAR-10 files under data.root differ); use another store path")
+        return
+    try:
+        _create(path, config=config, inputs=inputs, digest=digest)
+    except OSError as exc:
+        raise UserError(f"cannot create store at {path}: {exc.strerror or exc}") from None
+
+
+def _create(path: Path, *, config: RunConfig, inputs: Inputs, digest: str) -> None:
+    """Build the store in a sibling temp dir and rename it into place (an interrupted creation leaves no
+    half-made store at `path`)."""
+    t = config.tiles.size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+    try:
+        group = zarr.open_group(tmp, mode="w-", zarr_format=3)
+        n = len(inputs.labels)
+        group.create_array("inputs/images", data=inputs.images, chunks=(t, 32, 32, 3),
+                           compressors=[Crc32cCodec()])
+        for name in ("labels", "index", "split"):
+            group.create_array(f"inputs/{name}", data=getattr(inputs, name), compressors=[Crc32cCodec()])
+        for name in planned_arrays(config):
+            group.create_array(name, shape=(n, n), chunks=(t, t), dtype="float32", fill_value=np.nan,
+                               compressors=[Crc32cCodec()])
+        group.create_group(RECORDS)
+        group.attrs.update({
+            "config": to_dict(config),
+            "data_fingerprint": digest,
+            "version": package_version(),
+            "preprocessing": {"mean": inputs.mean.tolist(), "std": inputs.std.tolist()},
+            "layout": {"n_train": inputs.n_train, "n_test": inputs.n_test, "tile": t,
+                       "test_test": config.data.test_test, "arrays": planned_arrays(config)},
+        })
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _attrs(path: Path) -> dict:
+    """Group attributes of a cntk store; UserError if the path is not one."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+        if {"layout", "config", "data_fingerprint"} <= set(attrs):
+            return attrs
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise UserError(f"{path} exists but is not a cntk-gram store; use another path")
+
+
+def layout(store_path: str | Path) -> dict:
+    """{'n_train', 'n_test', 'tile', 'test_test', 'arrays'} of an existing store."""
+    path = Path(store_path)
+    if not path.exists():
+        raise UserError(f"no store at {path}")
+    return _attrs(path)["layout"]
+
+
+def store_attrs(store_path: str | Path) -> dict:
+    path = Path(store_path)
+    if not path.exists():
+        raise UserError(f"no store at {path}")
+    return _attrs(path)
+
+
+def read_inputs(store_path: str | Path) -> dict:
+    """labels (N,) int64, split (N,) int8, index (N,) int64 as numpy; n_train, n_test, tile as ints."""
+    info = layout(store_path)
+    group = zarr.open_group(store_path, mode="r")
+    out = {name: group[f"inputs/{name}"][:] for name in ("labels", "split", "index")}
+    out.update(n_train=int(info["n_train"]), n_test=int(info["n_test"]), tile=int(info["tile"]))
+    return out
+
+
+def bounds_of(info: dict) -> list[tuple[int, int]]:
+    return block_bounds(n_train=info["n_train"], n_test=info["n_test"], size=info["tile"])
+
+
+def planned_tiles(info: dict) -> list[tuple[int, int]]:
+    return plan_tiles(n_train=info["n_train"], n_test=info["n_test"], size=info["tile"],
+                      test_test=info["test_test"])
+
+
+# --- completion records ---------------------------------------------------------------------------
+
+def _record_path(store_path: str | Path, tile: tuple[int, int]) -> Path:
+    return Path(store_path) / RECORDS / f"{tile[0]}-{tile[1]}" / "zarr.json"
+
+
+def write_tile(store_path: str | Path, tile: tuple[int, int], blocks: dict[str, np.ndarray],
+               record: dict) -> dict:
+    """Write one chunk per array ({'gram/ntk-gap/depth-3': float32 block}), then the completion record
+    (`record` plus tile, rows, cols, checksums, finished = epoch seconds). Returns the full record."""
+    info = layout(store_path)
+    (r0, r1), (c0, c1) = (bounds_of(info)[i] for i in tile)
+    group = zarr.open_group(store_path, mode="r+")
+    checksums = {}
+    for name, block in blocks.items():
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if block.shape != (r1 - r0, c1 - c0):
+            raise ValueError(f"{name}: block shape {block.shape} != tile shape {(r1 - r0, c1 - c0)}")
+        group[name][r0:r1, c0:c1] = block
+        checksums[name] = checksum(block)
+    full = {**record, "tile": list(tile), "rows": [r0, r1], "cols": [c0, c1], "checksums": checksums,
+            "finished": time.time()}
+    write_record(store_path, tile, full)
+    return full
+
+
+def write_record(store_path: str | Path, tile: tuple[int, int], record: dict) -> None:
+    """Atomically publish a tile's completion record (temp file + os.replace)."""
+    target = _record_path(store_path, tile)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".zarr.json.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": record}))
+    os.replace(tmp, target)
+
+
+def read_record(store_path: str | Path, tile: tuple[int, int]) -> dict | None:
+    """The tile's record, or None when it is missing or unreadable."""
+    try:
+        return json.loads(_record_path(store_path, tile).read_text())["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def all_records(store_path: str | Path) -> dict[tuple[int, int], dict]:
+    info = layout(store_path)
+    records = {}
+    for tile in planned_tiles(info):
+        record = read_record(store_path, tile)
+        if _record_complete(record, tile, info):
+            records[tile] = record
+    return records
+
+
+def _record_complete(record: dict | None, tile: tuple[int, int], info: dict) -> bool:
+    return (record is not None and tuple(record.get("tile", ())) == tile
+            and set(record.get("checksums", {})) == set(info["arrays"]))
+
+
+def tile_status(store_path: str | Path) -> tuple[set[tuple[int, int]], list[tuple[int, int]]]:
+    """(done, planned): tiles with a complete record (cheap: records only, chunks not read), all tiles."""
+    info = layout(store_path)
+    return set(all_records(store_path)), planned_tiles(info)
+
+
+def checksum(block: np.ndarray) -> int:
+    """crc32c of a block's float32 C-order bytes."""
+    return crc32c.crc32c(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+
+
+def verify_tile(store_path: str | Path, tile: tuple[int, int], *, record: dict | None = None,
+                deep: bool = True) -> list[str]:
+    """Problems with a done tile (empty list = fine). Checksums always; with deep also NaNs, positive
+    diagonal and symmetry of diagonal tiles."""
+    info = layout(store_path)
+    record = record if record is not None else read_record(store_path, tile)
+    if not _record_complete(record, tile, info):
+        return [f"tile {tile}: no complete record"]
+    (r0, r1), (c0, c1) = (bounds_of(info)[i] for i in tile)
+    group = zarr.open_group(store_path, mode="r")
+    problems = []
+    for name in info["arrays"]:
+        try:
+            block = group[name][r0:r1, c0:c1]
+        except Exception as exc:  # a corrupted chunk fails its crc32c codec on decode
+            problems.append(f"tile {tile} {name}: chunk unreadable ({type(exc).__name__})")
+            continue
+        if checksum(block) != record["checksums"][name]:
+            problems.append(f"tile {tile} {name}: checksum mismatch")
+            continue
+        if not deep:
+            continue
+        if np.isnan(block).any():
+            problems.append(f"tile {tile} {name}: {int(np.isnan(block).sum())} NaN entries")
+        if tile[0] == tile[1]:
+            if not (np.diag(block) > 0).all():
+                problems.append(f"tile {tile} {name}: non-positive diagonal entry")
+            asym = np.abs(block - block.T).max()
+            if asym > 1e-5 * np.abs(block).max():
+                problems.append(f"tile {tile} {name}: diagonal tile not symmetric (max |K - K.T| = {asym:.3g})")
+    return problems
+
+
+# --- reading the Gram -----------------------------------------------------------------------------
+
+def _read_block(store_path: str, name: str, bounds: list, i: int, j: int) -> np.ndarray:
+    array = zarr.open_array(store_path, path=name, mode="r")
+    if i <= j:
+        (r0, r1), (c0, c1) = bounds[i], bounds[j]
+        return array[r0:r1, c0:c1]
+    (r0, r1), (c0, c1) = bounds[j], bounds[i]
+    return np.ascontiguousarray(array[r0:r1, c0:c1].T)
+
+
+def open_gram(store_path: str | Path, key: str, depth: int) -> da.Array:
+    """Lazy symmetric (N, N) float32 dask array, chunks (tile, tile); block (I, J) with I > J is read as
+    the transpose of stored block (J, I). Blocks never computed (e.g. test x test) read as NaN."""
+    info = layout(store_path)
+    name = array_name(key, depth)
+    if name not in info["arrays"]:
+        kernels = sorted({a.split("/")[1] for a in info["arrays"]})
+        depths = sorted({int(a.rsplit("-", 1)[1]) for a in info["arrays"]})
+        raise UserError(f"store {store_path} has no {name}; kernels: {', '.join(kernels)}; depths: {depths}")
+    bounds = bounds_of(info)
+    sizes = tuple(stop - start for start, stop in bounds)
+    graph_name = f"gram-{key}-{depth}-{uuid.uuid4().hex[:8]}"
+    tasks = {(graph_name, i, j): (_read_block, str(store_path), name, bounds, i, j)
+             for i in range(len(bounds)) for j in range(len(bounds))}
+    graph = HighLevelGraph.from_collections(graph_name, tasks, dependencies=[])
+    return da.Array(graph, graph_name, chunks=(sizes, sizes), dtype=np.float32)

@@ -1,0 +1,48 @@
+"""The unit of work: one tile, every requested kernel and depth, run on a Dask worker."""
+from __future__ import annotations
+
+import socket
+import time
+
+import zarr
+
+from pipeline.plan import tile_pairs
+from pipeline.store import array_name, bounds_of, layout, write_tile
+
+
+def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
+                 kinds: tuple[str, ...], depths: tuple[int, ...]) -> dict:
+    """Compute tile (I, J) and write it into the store; return {'tile', 'pairs', 'seconds', 'compute_seconds'}.
+
+    Reads rows I and columns J of inputs/images from the store, runs the backend once with
+    max_depth = max(depths), writes one chunk per (kind, arch, depth), then the completion record.
+    Deterministic for a given backend, so a recomputed tile is bit-identical.
+    """
+    from workers.backends import get_backend  # imported on the worker: the GPU backend needs its device
+
+    started = time.time()
+    bounds = bounds_of(layout(store_path))
+    (r0, r1), (c0, c1) = bounds[I], bounds[J]
+    images = zarr.open_array(store_path, path="inputs/images", mode="r")
+    x = images[r0:r1]
+    y = None if I == J else images[c0:c1]
+    kernels = get_backend(backend).tile_kernels(x, y, archs=tuple(archs), max_depth=max(depths))
+    computed = time.time()
+    blocks = {array_name(f"{kind}-{arch}", depth): kernels[f"{kind}-{arch}"][depth - 2]
+              for arch in archs for kind in kinds for depth in depths}
+    record = write_tile(store_path, (I, J), blocks, {
+        "pairs": tile_pairs(bounds, (I, J)), "backend": backend, "host": socket.gethostname(),
+        "worker": _worker_address(),
+        "started": started, "compute_seconds": computed - started,
+    })
+    return {"tile": (I, J), "pairs": record["pairs"], "seconds": record["finished"] - started,
+            "compute_seconds": record["compute_seconds"]}
+
+
+def _worker_address() -> str | None:
+    """Address of the Dask worker running this task (None outside a worker)."""
+    try:
+        from distributed import get_worker
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None

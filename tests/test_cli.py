@@ -1,0 +1,110 @@
+"""Bad input through the CLI: one clear line, non-zero exit, nothing computed is touched."""
+import socket
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import pipeline.data
+from pipeline.cli import main
+from pipeline.config import build_config
+from pipeline.data import prepare_inputs
+from pipeline.store import prepare_store
+
+TINY = {"data": {"train": 20, "test": 0}, "kernel": {"archs": ["vanilla"], "depths": [2]},
+        "tiles": {"size": 20}, "backend": "cpu", "cluster": {"threads": 1}}
+
+
+def config_file(tmp_path, *, root, store=None, **changes):
+    raw = {**TINY, **changes}
+    raw["data"] = {**raw["data"], "root": str(root)}
+    raw["store"] = str(store or tmp_path / "g.zarr")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def fails_with_one_line(args, *needles):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code not in (0, 1) and not isinstance(result.exception, (KeyError, TypeError)), \
+        (result.exit_code, result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_data(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(pipeline.data, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    fails_with_one_line(["run", config_file(tmp_path, root=empty)], "no CIFAR-10 under", "download")
+    no_download = {**TINY["data"], "download": False}
+    fails_with_one_line(["run", config_file(tmp_path, root=empty, data=no_download)], "data.download")
+    assert not (tmp_path / "g.zarr").exists()
+
+
+def test_bad_tile_size(tmp_path, cifar_root):
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--tile-size", "7"],
+                        "tiles.size=7", "divide", "20", "valid sizes near it: ")
+    assert not (tmp_path / "g.zarr").exists()
+
+
+def test_unknown_kernel(tmp_path, cifar_root):
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--archs", "vanilla,resnet"],
+                        "kernel.archs", "'resnet'", "vanilla, gap, fc")
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--kinds", "rbf"], "kernel.kinds")
+
+
+def test_bad_yaml_and_missing_config(tmp_path):
+    (tmp_path / "bad.yaml").write_text("kernel: [archs: \n")
+    fails_with_one_line(["run", tmp_path / "bad.yaml"], "not valid YAML")
+    fails_with_one_line(["run", tmp_path / "none.yaml"], "not found")
+
+
+def test_store_from_another_config_is_refused(tmp_path, cifar_root):
+    store = tmp_path / "g.zarr"
+    config = build_config({**TINY, "data": {**TINY["data"], "root": str(cifar_root)}, "store": str(store)})
+    prepare_store(store, config=config, inputs=prepare_inputs(config.data))
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--depths", "2,3"],
+                        "different config", "kernel.depths", "[2]", "[2, 3]")
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--train", "10", "--tile-size", "10"],
+                        "data.train", "tiles.size")
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
+def test_unreachable_scheduler(tmp_path, cifar_root):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    started = time.time()
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--scheduler", f"tcp://127.0.0.1:{port}"],
+                        "cannot reach the Dask scheduler", f"tcp://127.0.0.1:{port}")
+    assert time.time() - started < 30
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--scheduler-file",
+                         tmp_path / "missing.json"], "scheduler file")
+
+
+def test_unwritable_store_path(tmp_path, cifar_root):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root, store=blocker / "g.zarr")],
+                        "cannot create store", str(blocker / "g.zarr"))
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [["status"], ["inspect"], ["verify"],
+                                     ["export", "--kernel", "ntk-vanilla", "--depth", "2", "--out", "x.npy"]])
+def test_read_commands_on_missing_store(tmp_path, command):
+    fails_with_one_line([command[0], tmp_path / "nothing.zarr", *command[1:]], "no store at")
+
+
+def test_export_unknown_kernel(tmp_path, cifar_root):
+    store = tmp_path / "g.zarr"
+    config = build_config({**TINY, "data": {**TINY["data"], "root": str(cifar_root)}, "store": str(store)})
+    prepare_store(store, config=config, inputs=prepare_inputs(config.data))
+    fails_with_one_line(["export", store, "--kernel", "ntk-gap", "--depth", "2", "--out", tmp_path / "x.npy"],
+                        "no gram/ntk-gap/depth-2", "ntk-vanilla")

@@ -1,0 +1,242 @@
+"""End to end on real CIFAR images: tiles vs whole block, SIGKILL + resume, a real multi-process cluster,
+and the read-side commands (status, inspect, verify, export) on the result."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import build_config
+from pipeline.data import prepare_inputs
+from pipeline.errors import UserError
+from pipeline.schedule import run
+from pipeline.store import all_records, open_gram, prepare_store, read_record, tile_status
+from workers.backends import get_backend
+from workers.reference import cntk_reference, fc_reference
+
+REPO = Path(__file__).resolve().parents[1]
+# 6 train blocks + 2 test blocks of 20 images: 33 tiles of at most 400 pairs.
+SMALL = {"data": {"train": 120, "test": 40}, "kernel": {"archs": ["vanilla"], "depths": [3, 11]},
+         "tiles": {"size": 20}, "backend": "cpu", "cluster": {"workers": 1, "threads": 1}}
+
+
+def subprocess_env():
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "NUMBA_NUM_THREADS": "1"}
+
+
+def write_config(path, raw, *, root, store):
+    raw = json.loads(json.dumps(raw))
+    raw["data"]["root"] = str(root)
+    raw["store"] = str(store)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def gram_arrays(store):
+    group = zarr.open_group(store, mode="r")
+    return {name: group[name][:] for name in group.attrs["layout"]["arrays"]}
+
+
+@pytest.fixture(scope="module")
+def reference_store(cifar_root, tmp_path_factory):
+    """An uninterrupted in-process run of SMALL on the embedded local cluster."""
+    store = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"]["root"], raw["store"] = str(cifar_root), str(store)
+    summary = run(build_config(raw), progress=False)
+    assert summary["tiles_computed"] == summary["tiles_total"] == 33
+    return store
+
+
+def test_gram_from_tiles_equals_whole_block(reference_store):
+    images = zarr.open_array(reference_store, path="inputs/images", mode="r")[:]
+    whole = get_backend("cpu").tile_kernels(images, archs=("vanilla",), max_depth=11)
+    for key in ("ntk-vanilla", "nngp-vanilla"):
+        for depth in (3, 11):
+            gram = open_gram(reference_store, key, depth).compute()
+            expected = whole[key][depth - 2]
+            np.testing.assert_allclose(gram[:120], expected[:120], rtol=2e-6, atol=0)
+            np.testing.assert_allclose(gram[:, :120], expected[:, :120], rtol=2e-6, atol=0)
+            assert np.isnan(gram[120:, 120:]).all()  # test x test not asked for
+    # and one cross-tile train x test entry against the float64 brute-force oracle
+    oracle = cntk_reference(images[[25]], images[[150]], max_depth=3, archs=("vanilla",))
+    gram = open_gram(reference_store, "ntk-vanilla", 3).compute()
+    np.testing.assert_allclose(gram[25, 150], oracle["ntk-vanilla"][1, 0, 0], rtol=1e-5)
+    np.testing.assert_allclose(gram[150, 25], oracle["ntk-vanilla"][1, 0, 0], rtol=1e-5)
+
+
+def test_gap_and_fc_tiles_match_the_oracle(cifar_root, tmp_path):
+    """Every arch through the pipeline on a handful of images, test x test included."""
+    raw = {"data": {"root": str(cifar_root), "train": 4, "test": 2, "test_test": True},
+           "kernel": {"archs": ["vanilla", "gap", "fc"], "depths": [2, 3]}, "tiles": {"size": 2},
+           "backend": "cpu", "store": str(tmp_path / "gap.zarr"), "cluster": {"threads": 1}}
+    summary = run(build_config(raw), progress=False)
+    assert summary["tiles_computed"] == 6
+    images = zarr.open_array(tmp_path / "gap.zarr", path="inputs/images", mode="r")[:]
+    rows, cols = [0, 1, 3], [2, 4, 5]  # entries from different tiles, train x test and test x test
+    oracle = cntk_reference(images[rows], images[cols], max_depth=3, archs=("vanilla", "gap"))
+    for key in ("ntk-gap", "nngp-gap", "ntk-vanilla"):
+        for depth in (2, 3):
+            gram = open_gram(tmp_path / "gap.zarr", key, depth).compute()
+            assert not np.isnan(gram).any()
+            np.testing.assert_allclose(gram[np.ix_(rows, cols)], oracle[key][depth - 2], rtol=1e-5)
+            np.testing.assert_array_equal(gram, gram.T)
+    fc_oracle = fc_reference(images[rows], images[cols], max_depth=3)
+    for key in ("ntk-fc", "nngp-fc"):
+        gram = open_gram(tmp_path / "gap.zarr", key, 3).compute()
+        np.testing.assert_allclose(gram[np.ix_(rows, cols)], fc_oracle[key][1], rtol=1e-5)
+
+
+def test_sigkill_then_resume_is_bit_identical(cifar_root, reference_store, tmp_path):
+    store = tmp_path / "killed.zarr"
+    config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    records = store / "tiles" / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if records.exists() and len([p for p in records.iterdir() if p.is_dir()]) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its local-cluster worker processes
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stdout.read().decode()
+
+    done_before, planned = tile_status(store)
+    assert 3 <= len(done_before) < len(planned), "the run was not interrupted part-way"
+    records_before = {t: read_record(store, t) for t in done_before}
+
+    resumed = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    expected_line = f"tiles     {len(planned) - len(done_before)} computed"
+    assert expected_line in resumed.stdout, resumed.stdout
+    for tile, record in records_before.items():
+        assert read_record(store, tile) == record  # finished tiles were not recomputed
+    assert tile_status(store)[0] == set(planned)
+
+    reference, resumed_arrays = gram_arrays(reference_store), gram_arrays(store)
+    assert reference.keys() == resumed_arrays.keys()
+    for name in reference:
+        np.testing.assert_array_equal(resumed_arrays[name], reference[name])
+        assert resumed_arrays[name].tobytes() == reference[name].tobytes()
+
+
+def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store, tmp_path):
+    env = subprocess_env()
+    scheduler_file = tmp_path / "scheduler.json"
+    started = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                 "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for name in ("w1", "w2"):
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                 "--nworkers", "1", "--name", name, "--no-dashboard"],
+                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        from distributed import Client
+        with Client(address, timeout="20s") as client:
+            client.wait_for_workers(2, timeout=60)
+        store = tmp_path / "cluster.zarr"
+        config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress",
+                                 "--scheduler", address], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    finally:
+        for process in started:  # each in its own session: the group holds the nanny and its worker
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    workers = {record["worker"] for record in all_records(store).values()}
+    assert len(workers) == 2, workers  # both worker processes computed tiles
+    reference, clustered = gram_arrays(reference_store), gram_arrays(store)
+    for name in reference:
+        np.testing.assert_array_equal(clustered[name], reference[name])
+
+
+def test_read_commands_and_damage_repair(reference_store, tmp_path):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(reference_store, store)
+    runner = CliRunner()
+
+    result = runner.invoke(main, ["status", str(store)])
+    assert result.exit_code == 0 and "tiles 33/33" in result.output
+    assert "gram/ntk-vanilla/depth-11" in result.output and "33/33" in result.output
+
+    result = runner.invoke(main, ["inspect", str(store), "--out", str(tmp_path / "png")])
+    assert result.exit_code == 0, result.output
+    assert "120 train + 40 test" in result.output
+    assert (tmp_path / "png" / "coverage.png").read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(main, ["inspect", str(store), "--tile", "1", "6", "--out", str(tmp_path / "png"),
+                                  "--kernel", "nngp-vanilla", "--depth", "3"])
+    assert result.exit_code == 0, result.output
+    assert "nan 0" in result.output and (tmp_path / "png" / "tile-1-6.png").exists()
+
+    out = tmp_path / "k.npy"
+    result = runner.invoke(main, ["export", str(store), "--kernel", "ntk-vanilla", "--depth", "11",
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    exported = np.load(out)
+    np.testing.assert_array_equal(exported, open_gram(store, "ntk-vanilla", 11).compute())
+    np.testing.assert_array_equal(exported[:120], exported[:, :120].T)
+
+    result = runner.invoke(main, ["verify", str(store)])
+    assert result.exit_code == 0 and "33 tiles checked" in result.output and "0 problems" in result.output
+
+    chunk = store / "gram" / "nngp-vanilla" / "depth-3" / "c" / "2" / "4"
+    raw = bytearray(chunk.read_bytes())
+    raw[100] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    result = runner.invoke(main, ["verify", str(store)])
+    assert result.exit_code == 1 and "tile (2, 4) gram/nngp-vanilla/depth-3" in result.output
+
+    image_chunk = store / "inputs" / "images" / "c" / "3" / "0" / "0" / "0"
+    pristine = image_chunk.read_bytes()
+    image_chunk.write_bytes(pristine[:-1] + bytes([pristine[-1] ^ 0x10]))
+    result = runner.invoke(main, ["verify", str(store)])
+    assert result.exit_code == 1 and "inputs: unreadable" in result.output
+    image_chunk.write_bytes(pristine)
+
+    raw_config = zarr.open_group(store, mode="r").attrs["config"]
+    raw_config["store"] = str(store)
+    summary = run(build_config(raw_config), progress=False)
+    assert (summary["tiles_damaged"], summary["tiles_computed"]) == (1, 1)
+    assert runner.invoke(main, ["verify", str(store)]).exit_code == 0
+    np.testing.assert_array_equal(gram_arrays(store)["gram/nngp-vanilla/depth-3"],
+                                  gram_arrays(reference_store)["gram/nngp-vanilla/depth-3"])
+
+
+def test_failing_tile_stops_with_one_line_and_keeps_finished_tiles(cifar_root, tmp_path):
+    store = tmp_path / "f.zarr"
+    raw = {"data": {"root": str(cifar_root), "train": 40, "test": 0}, "kernel": {"archs": ["vanilla"],
+           "depths": [2]}, "tiles": {"size": 20}, "backend": "cpu", "store": str(store),
+           "cluster": {"threads": 1, "retries": 1, "max_in_flight": 1}}
+    config = build_config(raw)
+    prepare_store(store, config=config, inputs=prepare_inputs(config.data))
+    # a directory where chunk (0, 1) must go makes every attempt at that tile fail
+    (store / "gram" / "ntk-vanilla" / "depth-2" / "c" / "0" / "1").mkdir(parents=True)
+    with pytest.raises(UserError, match="tile task failed after 1 retries"):
+        run(config, progress=False)
+    assert (0, 0) in tile_status(store)[0] and (0, 1) not in tile_status(store)[0]
+    shutil.rmtree(store / "gram" / "ntk-vanilla" / "depth-2" / "c" / "0" / "1")
+    summary = run(config, progress=False)
+    assert summary["tiles_computed"] == 3 - summary["tiles_done_before"] and summary["tiles_done_before"] >= 1
+    assert tile_status(store)[0] == set(tile_status(store)[1])
