@@ -169,24 +169,27 @@ def _broadcast_lanes(src, dst):
 
 
 @nb.njit(parallel=True, **JIT)
-def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, task_a, task_b, same, gap, consts):
-    """All depths of one architecture for batches of pairs (a, column batch b: images b*LANES .. b*LANES+LANES-1).
+def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same, gap, consts):
+    """All depths of one architecture for every row image a in `rows` against column batches first_batch[a] ..
+    nb-1 (batch b holds column images b*LANES .. b*LANES+LANES-1).
 
     xs: (n, C, P, Q); rsx, sqx: (n, L, P, Q); ys: (nb, C, P, Q*LANES); rsy, sqy: (nb, L, P, Q*LANES) lanes fastest;
-    task_a, task_b: (T,) batches; same: (n, nb*LANES) bool, identical images.
-    Returns ntk, nngp: float64 (L, n, nb*LANES), zero where no batch covers (a, b). GAP values are means over P*Q*P*Q.
+    rows: (n,) row order (parallel work is split into contiguous runs of it, so callers interleave long and short
+    rows); first_batch: (n,); same: (n, nb*LANES) bool, identical images.
+    Returns ntk, nngp: float64 (L, n, nb*LANES), zero where not computed. GAP values are means over P*Q*P*Q.
     """
     n, C, P, Q = xs.shape
     L = rsx.shape[1]
-    width = ys.shape[0] * LANES
-    ntk = np.zeros((L, n, width))
-    nngp = np.zeros((L, n, width))
+    nb_ = ys.shape[0]
+    ntk = np.zeros((L, n, nb_ * LANES))
+    nngp = np.zeros((L, n, nb_ * LANES))
     dt = xs.dtype
     span_i = P - 1 if gap else 0
     span_j = Q - 1 if gap else 0
     scale = 1.0 / (P * Q * P * Q) if gap else 1.0
-    for t in nb.prange(task_a.shape[0]):
-        a, b = task_a[t], task_b[t]
+    for t in nb.prange(rows.shape[0]):
+        a = rows[t]
+        # the row image's maps, broadcast over the lanes once and reused by every column batch
         xa = np.empty((C, P, Q * LANES), dt)
         rsa = np.empty((L, P, Q * LANES), dt)
         sqa = np.empty((L, P, Q * LANES), dt)
@@ -197,19 +200,22 @@ def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, task_a, task_b, same, gap, consts):
         the = np.empty_like(sig)
         kk = np.empty_like(sig)
         uu = np.empty_like(sig)
-        rows = np.empty((P + 2, Q * LANES), dt)
-        rows2 = np.empty_like(rows)
+        rows_a = np.empty((P + 2, Q * LANES), dt)
+        rows_b = np.empty_like(rows_a)
         rsum_u = np.empty(Q * LANES, dt)
         rsum_k = np.empty(Q * LANES, dt)
-        acc_ntk = np.zeros((L, LANES))
-        acc_nngp = np.zeros((L, LANES))
-        self_lane = same[a, b * LANES:(b + 1) * LANES]
-        for di in range(-span_i, span_i + 1):
-            for dj in range(-span_j, span_j + 1):
-                _run_slice(xa, ys[b], rsa, sqa, rsy[b], sqy[b], di, dj, self_lane, gap, consts,
-                           acc_ntk, acc_nngp, sig, the, kk, uu, rows, rows2, rsum_u, rsum_k)
-        for h in range(L):
-            for lane in range(LANES):
-                ntk[h, a, b * LANES + lane] = acc_ntk[h, lane] * scale
-                nngp[h, a, b * LANES + lane] = acc_nngp[h, lane] * scale
+        acc_ntk = np.empty((L, LANES))
+        acc_nngp = np.empty((L, LANES))
+        for b in range(first_batch[a], nb_):
+            acc_ntk[:] = 0.0
+            acc_nngp[:] = 0.0
+            self_lane = same[a, b * LANES:(b + 1) * LANES]
+            for di in range(-span_i, span_i + 1):
+                for dj in range(-span_j, span_j + 1):
+                    _run_slice(xa, ys[b], rsa, sqa, rsy[b], sqy[b], di, dj, self_lane, gap, consts,
+                               acc_ntk, acc_nngp, sig, the, kk, uu, rows_a, rows_b, rsum_u, rsum_k)
+            for h in range(L):
+                for lane in range(LANES):
+                    ntk[h, a, b * LANES + lane] = acc_ntk[h, lane] * scale
+                    nngp[h, a, b * LANES + lane] = acc_nngp[h, lane] * scale
     return ntk, nngp

@@ -73,10 +73,11 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
     n, m, n_layers = len(x), len(yy), max_depth - 1
     lanes = _k.LANES
     width = -(-m // lanes) * lanes
-    # batches (a, b): lanes b*LANES .. b*LANES+LANES-1; a diagonal tile starts at the batch holding a, then mirrors.
-    task_a, task_b = np.meshgrid(np.arange(n), np.arange(width // lanes), indexing="ij")
-    keep = ((task_b + 1) * lanes > task_a) if sym else np.ones_like(task_a, bool)
-    task_a, task_b = task_a[keep].astype(np.int64), task_b[keep].astype(np.int64)
+    # row a meets column batches first_batch[a] .. end; a diagonal tile starts at the batch holding a, then mirrors.
+    first_batch = (np.arange(n) // lanes if sym else np.zeros(n, int)).astype(np.int64)
+    # interleave long and short rows (0, n-1, 1, n-2, ...) so contiguous parallel chunks carry equal work
+    rows = np.empty(n, np.int64)
+    rows[0::2], rows[1::2] = np.arange((n + 1) // 2), np.arange(n - 1, (n - 1) // 2, -1)
     out = {}
     conv = [a for a in archs if a != "fc"]
     if conv:
@@ -88,7 +89,8 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
         consts = np.array([np.pi, 2.0 / 9.0 / (2 * np.pi)], dtype)
         for arch in conv:
             with _LOCK:
-                ntk, nngp = _k.pair_kernels(xs, ys, rsx, sqx, rsy, sqy, task_a, task_b, same, arch == "gap", consts)
+                ntk, nngp = _k.pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same,
+                                            arch == "gap", consts)
             for kind, vals in (("ntk", ntk), ("nngp", nngp)):
                 block = vals[:, :, :m].astype(dtype)
                 if sym:
