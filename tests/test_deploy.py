@@ -1,0 +1,244 @@
+"""deploy/: the scripts parse, their walltime arithmetic is right, the compose file and the jobqueue profile
+are well-formed, and the README's local multi-process path runs end to end."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cluster_procs import REPO, cntk, done_tiles, proc_env, write_config
+
+DEPLOY = REPO / "deploy"
+SCRIPTS = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".sh", ".sbatch"))
+
+
+def bash(script: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env={**os.environ, **env}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+
+def test_there_are_slurm_scripts():
+    names = {p.name for p in SCRIPTS}
+    assert {"scheduler.sbatch", "workers.sbatch", "common.sh", "launch.sh", "local-cluster.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_scripts_pass_bash_n(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("1-02:03:04", 1 * 86400 + 2 * 3600 + 3 * 60 + 4),
+    ("08:09:10", 8 * 3600 + 9 * 60 + 10),
+    ("05:06", 5 * 60 + 6),
+    ("45", 45 * 60),
+    ("2-07", 2 * 86400 + 7 * 3600),
+    ("09:08:07", 9 * 3600 + 8 * 60 + 7),  # leading zeros are not octal
+    ("UNLIMITED", 0),
+])
+def test_duration_to_seconds(text, seconds):
+    result = bash(f"source deploy/slurm/common.sh && duration_to_seconds {text}")
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == seconds
+
+
+@pytest.mark.parametrize("left, margin, stagger, expected", [
+    (4 * 3600, 900, 120, 4 * 3600 - 900 - 120),
+    (600, 900, 120, 60),      # never below a minute
+    (0, 900, 120, 0),         # unknown walltime: no lifetime
+])
+def test_worker_lifetime_seconds(left, margin, stagger, expected):
+    result = bash(f"source deploy/slurm/common.sh && worker_lifetime_seconds {left} {margin} {stagger}")
+    assert int(result.stdout) == expected
+
+
+def _stub_bin(tmp_path: Path) -> Path:
+    """srun that prints its arguments and the lifetime config instead of starting workers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/usr/bin/env bash\necho "ARGS $*"\n'
+                    'echo "DURATION ${DASK_DISTRIBUTED__WORKER__LIFETIME__DURATION:-unset}"\n'
+                    'echo "RESTART ${DASK_DISTRIBUTED__WORKER__LIFETIME__RESTART:-unset}"\n')
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_workers_sbatch_retires_workers_before_the_walltime(tmp_path, kind):
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text("{}")
+    walltime = 4 * 3600
+    env = dict(PATH=f"{_stub_bin(tmp_path)}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(REPO),
+               SLURM_JOB_END_TIME=str(int(time.time()) + walltime), CNTK_SCHEDULER_FILE=str(scheduler_file),
+               CNTK_WORKER_KIND=kind, CNTK_WALLTIME_MARGIN="900", CNTK_LIFETIME_STAGGER="120")
+    result = bash("bash deploy/slurm/workers.sbatch", **env)
+    assert result.returncode == 0, result.stderr
+    duration = int(re.search(r"DURATION (\d+)s", result.stdout).group(1))
+    assert walltime - 900 - 120 - 5 <= duration <= walltime - 900 - 120
+    assert "RESTART False" in result.stdout
+    args = re.search(r"ARGS (.*)", result.stdout).group(1)
+    assert f"--scheduler-file {scheduler_file}" in args
+    if kind == "gpu":
+        assert args.startswith("dask cuda worker")
+    else:
+        assert args.startswith("dask worker")
+        assert f"--lifetime {duration}s --lifetime-stagger 120s --no-lifetime-restart" in args
+
+
+def test_workers_sbatch_periodic_restart(tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text("{}")
+    env = dict(PATH=f"{_stub_bin(tmp_path)}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(REPO),
+               SLURM_JOB_END_TIME=str(int(time.time()) + 48 * 3600), CNTK_SCHEDULER_FILE=str(scheduler_file),
+               CNTK_WORKER_KIND="cpu", CNTK_RESTART_EVERY="06:00:00")
+    result = bash("bash deploy/slurm/workers.sbatch", **env)
+    assert result.returncode == 0, result.stderr
+    assert "DURATION 21600s" in result.stdout and "RESTART True" in result.stdout
+    assert "--lifetime 21600s" in result.stdout and "--lifetime-restart" in result.stdout
+
+
+def test_workers_sbatch_fails_clearly_without_a_scheduler(tmp_path):
+    env = dict(PATH=f"{_stub_bin(tmp_path)}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(REPO),
+               CNTK_SCHEDULER_FILE=str(tmp_path / "missing.json"), CNTK_SCHEDULER_WAIT="0")
+    result = bash("bash deploy/slurm/workers.sbatch", **env)
+    assert result.returncode != 0
+    assert "no scheduler file" in result.stderr and "ARGS" not in result.stdout
+
+
+def test_compose_file_has_a_scheduler_and_gpu_workers():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert "8786" in " ".join(services["scheduler"]["command"])
+    gpu_workers = [s for name, s in services.items() if name.startswith("gpu-worker")]
+    assert len(gpu_workers) >= 2
+    device_ids = []
+    for worker in gpu_workers:
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        device_ids += device["device_ids"]
+        assert worker["command"][:3] == ["dask", "cuda", "worker"]
+        assert "tcp://scheduler:8786" in worker["command"]
+        assert "scheduler" in worker["depends_on"]
+        assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert len(set(device_ids)) == len(device_ids), "two workers on one GPU"
+    for service in services.values():  # every relative host path exists from deploy/
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            if not host.startswith("$"):
+                assert (DEPLOY / host).resolve().exists(), volume
+
+
+def test_compose_config_validates_with_docker_when_available(tmp_path):
+    """`docker compose config` is the real validator; without the compose plugin the YAML checks above stand."""
+    docker = shutil.which("docker")
+    has_compose = docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    if has_compose:
+        result = subprocess.run([docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+                                capture_output=True, text=True, env={**os.environ, "CNTK_RUNS": str(tmp_path)})
+        assert result.returncode == 0, result.stderr
+    else:
+        assert yaml.safe_load((DEPLOY / "compose.yaml").read_text())["name"] == "cntk"
+
+
+def test_dockerfile_builds_from_cuda_runtime_with_the_gpu_extra():
+    text = (DEPLOY / "Dockerfile").read_text()
+    base = re.search(r"ARG CUDA_IMAGE=(\S+)", text).group(1)
+    assert base.startswith("nvidia/cuda:") and "-runtime-" in base
+    assert re.search(r'pip install .*"\.\[gpu[,\]]', text)
+    for source in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+        for name in source.split():
+            assert (REPO / name).exists() or name == "README.md", f"COPY source {name} missing"
+
+
+def _seconds(text: str) -> int:
+    value, unit = re.fullmatch(r"(\d+)([smh])", text).groups()
+    return int(value) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_jobqueue_profile_retires_workers_before_the_walltime(tmp_path, monkeypatch):
+    profile = yaml.safe_load((DEPLOY / "jobqueue.yaml").read_text())["jobqueue"]["slurm"]
+    args = profile["worker-extra-args"]
+    lifetime = _seconds(args[args.index("--lifetime") + 1])
+    stagger = _seconds(args[args.index("--lifetime-stagger") + 1])
+    h, m, s = map(int, profile["walltime"].split(":"))
+    assert lifetime + stagger + 600 <= h * 3600 + m * 60 + s  # ten minutes left for the last tile
+    assert "--gres=gpu:1" in profile["job-extra-directives"] and profile["processes"] == 1
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        return  # the [cluster] extra is not installed here; the structure above is what it reads
+    import dask
+    monkeypatch.chdir(tmp_path)  # the profile's log-directory is created relative to here
+    with dask.config.set({f"jobqueue.slurm.{key}": value for key, value in profile.items()}):
+        with SLURMCluster(scheduler_options={"port": 0, "dashboard_address": ":0"}) as cluster:
+            script = cluster.job_script()
+    assert "--lifetime" in script and "#SBATCH --gres=gpu:1" in script
+
+
+def test_readme_has_the_sections_a_cluster_user_follows():
+    text = (DEPLOY / "README.md").read_text()
+    headings = [line.lower() for line in text.splitlines() if line.startswith("#")]
+    for topic in ("slurm", "dask-jobqueue", "docker", "existing dask cluster", "local", "fault"):
+        assert any(topic in h for h in headings), topic
+    for path in re.findall(r"deploy/[\w./-]+\.(?:sh|sbatch|yaml|py)", text) + ["deploy/Dockerfile"]:
+        assert (REPO / path).exists(), path
+
+
+def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_root):
+    """The README's local path: deploy/local-cluster.sh, `cntk submit`, the client exits, `cntk status`.
+    Workers retire every 3-5 s (--lifetime 4s --lifetime-stagger 1s --lifetime-restart) and come back."""
+    cluster_dir = tmp_path / "cluster"
+    env = proc_env(CNTK_WORKER_LIFETIME="4s", CNTK_LIFETIME_STAGGER="1s")
+    start = subprocess.run(["bash", "deploy/local-cluster.sh", "start", "2", str(cluster_dir)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=90)
+    try:
+        assert start.returncode == 0, start.stderr
+        store = tmp_path / "g.zarr"
+        config = write_config(tmp_path / "c.yaml", cifar_root=cifar_root, store=store, train=40, test=20,
+                              tile=10, depths=(3, 30))
+        submitted = cntk("submit", config, "--scheduler-file", cluster_dir / "scheduler.json")
+        assert submitted.returncode == 0, submitted.stdout
+        assert "submitted 18 of 18 tiles" in submitted.stdout
+        deadline = time.time() + 150
+        while len(done_tiles(store)) < 18 and time.time() < deadline:
+            time.sleep(1)
+        status = cntk("status", store)
+        assert "tiles 18/18" in status.stdout, status.stdout
+        while "worker-lifetime-reached" not in (cluster_dir / "workers.log").read_text() and time.time() < deadline:
+            time.sleep(0.5)  # on a fast machine the tiles may all finish within the first lifetime
+        workers_log = (cluster_dir / "workers.log").read_text()
+    finally:
+        subprocess.run(["bash", "deploy/local-cluster.sh", "stop", str(cluster_dir)], cwd=REPO, env=env,
+                       timeout=60)
+    assert "worker-lifetime-reached" in workers_log  # the lifetime flags reached the workers
+    _assert_store_matches_whole_block(store, n_train=40, n_test=20, tile=10, depths=(3, 30))
+
+
+def _assert_store_matches_whole_block(store: Path, *, n_train: int, n_test: int, tile: int, depths) -> None:
+    """The Gram assembled from tiles equals the CPU kernel on the whole block at once."""
+    import zarr
+
+    from workers.cpu import tile_kernels
+
+    group = zarr.open_group(store, mode="r")
+    whole = tile_kernels(group["inputs/images"][:], None, archs=("vanilla",), max_depth=max(depths))
+    n_blocks, n_train_blocks = (n_train + n_test) // tile, n_train // tile
+    for key in ("ntk-vanilla", "nngp-vanilla"):
+        for depth in depths:
+            stored = group[f"gram/{key}/depth-{depth}"][:]
+            expected = whole[key][depth - 2]
+            for i in range(n_train_blocks):
+                for j in range(i, n_blocks):
+                    rows, cols = slice(tile * i, tile * (i + 1)), slice(tile * j, tile * (j + 1))
+                    np.testing.assert_allclose(stored[rows, cols], expected[rows, cols], rtol=1e-5, atol=1e-6)
+            assert np.isnan(stored[n_train:, n_train:]).all()  # test x test is not computed
