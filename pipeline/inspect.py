@@ -136,6 +136,7 @@ def verify(store_path: str | Path) -> dict:
     diagonal tiles; the stored inputs are checked against the data fingerprint.
 
     Returns {'tiles_checked', 'tiles_missing', 'problems': [str]}; problems empty = no damage."""
+    from pipeline.cluster import stray_files
     from pipeline.data import fingerprint_arrays
 
     attrs = store_attrs(store_path)
@@ -148,6 +149,8 @@ def verify(store_path: str | Path) -> dict:
             problems.append("inputs: stored images/labels do not match the data fingerprint")
     except Exception as exc:  # a damaged input chunk fails its codec on decode
         problems.append(f"inputs: unreadable ({type(exc).__name__})")
+    problems += [f"stray file {p.relative_to(Path(store_path))}: left by an interrupted write; "
+                 "cntk run/submit remove it" for p in stray_files(store_path, older_than_s=60)]
     records = all_records(store_path)
     for tile in planned_tiles(info):
         if tile in records:

@@ -21,7 +21,7 @@ from pipeline.data import prepare_inputs
 from pipeline.errors import UserError
 from pipeline.plan import check_tile_size, tile_pairs
 from pipeline.store import bounds_of, check_existing, layout, prepare_store, tile_status, verify_tile
-from pipeline.tasks import compute_tile
+from pipeline.cluster import clear_cancel, remove_stray_files, run_tile
 
 CONNECT_TIMEOUT_S = 5
 
@@ -47,6 +47,8 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
     inputs = prepare_inputs(config.data)
     check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
     prepare_store(config.store, config=config, inputs=inputs)
+    remove_stray_files(config.store)  # temp files of writes interrupted long ago
+    clear_cancel(config.store)  # a new run overrides an earlier `cntk cancel`
 
     done, planned = tile_status(config.store)
     damaged = _damaged(config.store, done) if verify else set()
@@ -100,7 +102,7 @@ def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend:
     store = str(Path(config.store).resolve())  # workers may run elsewhere on a shared filesystem
 
     def submit(tile):
-        return client.submit(compute_tile, store, tile[0], tile[1], backend=backend,
+        return client.submit(run_tile, store, tile[0], tile[1], backend=backend,
                              archs=kernel.archs, kinds=kernel.kinds, depths=kernel.depths,
                              retries=config.cluster.retries, pure=False)
 
@@ -113,6 +115,9 @@ def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend:
             try:
                 result = future.result()
             except Exception as exc:
+                if "scheduler-connection-lost" in str(exc) or client.status != "running":
+                    raise UserError("lost the connection to the Dask scheduler; finished tiles are kept, "
+                                    "rerun the same command to resume") from None
                 raise UserError(f"a tile task failed after {config.cluster.retries} retries: "
                                 f"{type(exc).__name__}: {exc}; finished tiles are kept, rerun to resume") from None
             finished += 1

@@ -88,6 +88,8 @@ def prepare_store(store_path: str | Path, *, config: RunConfig, inputs: Inputs) 
     try:
         _create(path, config=config, inputs=inputs, digest=digest)
     except OSError as exc:
+        if (path / "zarr.json").exists():  # another client created it first: check theirs instead
+            return prepare_store(store_path, config=config, inputs=inputs)
         raise UserError(f"cannot create store at {path}: {exc.strerror or exc}") from None
 
 
