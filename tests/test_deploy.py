@@ -138,16 +138,23 @@ def test_compose_file_has_a_scheduler_and_gpu_workers():
                 assert (DEPLOY / host).resolve().exists(), volume
 
 
-def test_compose_config_validates_with_docker_when_available(tmp_path):
-    """`docker compose config` is the real validator; without the compose plugin the YAML checks above stand."""
+def _compose_command() -> list[str] | None:
+    """`docker compose` (plugin) or the standalone `docker-compose`; `config` needs no Docker engine."""
     docker = shutil.which("docker")
-    has_compose = docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
-    if has_compose:
-        result = subprocess.run([docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
-                                capture_output=True, text=True, env={**os.environ, "CNTK_RUNS": str(tmp_path)})
-        assert result.returncode == 0, result.stderr
-    else:
-        assert yaml.safe_load((DEPLOY / "compose.yaml").read_text())["name"] == "cntk"
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    return [standalone] if standalone else None
+
+
+def test_compose_config_validates(tmp_path):
+    """The compose file passes the real validator (CI installs docker-compose; users without either skip)."""
+    command = _compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed (.ci/run installs docker-compose)")
+    result = subprocess.run(command + ["-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+                            capture_output=True, text=True, env={**os.environ, "CNTK_RUNS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
 
 
 def test_dockerfile_builds_from_cuda_runtime_with_the_gpu_extra():
