@@ -61,7 +61,7 @@ def write_synthetic_store(store: Path, *, n_train: int, n_test: int, tile: int, 
 
 def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> dict:
     """Runs in a fresh process: time and memory of one lambda = 0 fit and prediction."""
-    from pipeline.solve import fit_alpha, plan_panels, predict_scores
+    from pipeline.solve import CPU_MAX_PANEL, fit_alpha, plan_panels, predict_scores
     from pipeline.store import open_gram, read_inputs
     from workers.preprocess import targets
 
@@ -70,7 +70,8 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
     gram = open_gram(store, "ntk-vanilla", 3)
     k_train, k_cross = gram[:n_train, :n_train], gram[:n_train, n_train:]
     y = targets(info["labels"][:n_train])
-    panels = plan_panels(n_train, chunk=info["tile"], memory_budget=memory_budget)
+    panels = plan_panels(n_train, chunk=info["tile"], memory_budget=memory_budget,
+                         max_width=CPU_MAX_PANEL if device == "cpu" else None)  # as cholesky_blocked
     tracemalloc.start()
     start = time.perf_counter()
     alpha = fit_alpha(k_train, y, lam=0.0, device=device, memory_budget=memory_budget, scratch_dir=scratch)

@@ -82,9 +82,16 @@ class CholeskyFactor:
             self.scratch = None
 
 
+# Multithreaded OpenBLAS dpotrf (SciPy's and NumPy's builds) segfaults on very large blocks: seen at n = 20,000 on
+# AVX-512, fine at 10,000. CPU panels stay at most this wide, so potrf only sees diagonal blocks of this size and the
+# bulk of the work runs in dtrsm/dgemm.
+CPU_MAX_PANEL = 8192
+
+
 def plan_panels(n: int, *, chunk: int, memory_budget: int, panel_width: int | None = None,
-                in_core_bytes: int | None = None) -> list[tuple[int, int]]:
-    """Column panels [(c0, c1), ...] covering 0..n; one panel when n·n float64 fits 3/4 of the budget."""
+                in_core_bytes: int | None = None, max_width: int | None = None) -> list[tuple[int, int]]:
+    """Column panels [(c0, c1), ...] covering 0..n; one panel when n·n float64 fits 3/4 of the budget, but
+    never wider than max_width (whole tiles when possible)."""
     if panel_width is None:
         limit = memory_budget * 3 // 4 if in_core_bytes is None else in_core_bytes
         if n * n * 8 <= limit:
@@ -92,6 +99,8 @@ def plan_panels(n: int, *, chunk: int, memory_budget: int, panel_width: int | No
         else:  # two panels in memory at once, each at most budget / 4; whole tiles when possible
             cols = memory_budget // 4 // (8 * n)
             panel_width = max(chunk, cols // chunk * chunk) if cols >= chunk else max(1, cols)
+        if max_width is not None and panel_width > max_width:
+            panel_width = max(chunk, max_width // chunk * chunk) if max_width >= chunk else max_width
     w = max(1, min(int(panel_width), n))
     return [(c0, min(c0 + w, n)) for c0 in range(0, n, w)]
 
@@ -181,7 +190,7 @@ def cholesky_blocked(a: da.Array, *, shift: float = 0.0, lam: float = 0.0, devic
         raise ValueError(f"expected a square matrix, got shape {a.shape}")
     xp = array_module(device)
     bounds = plan_panels(n, chunk=a.chunks[0][0], memory_budget=memory_budget, panel_width=panel_width,
-                         in_core_bytes=_device_fits(xp, n))
+                         in_core_bytes=_device_fits(xp, n), max_width=CPU_MAX_PANEL if xp is np else None)
     factor = CholeskyFactor(n=n, bounds=bounds, xp=xp)
     on_disk = len(bounds) > 1 and (n * n * 4 + n * 8 * (bounds[0][1] - bounds[0][0])) > memory_budget // 2
     if on_disk:

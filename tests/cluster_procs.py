@@ -135,3 +135,12 @@ def done_tiles(store: Path) -> set[tuple[int, int]]:
     from pipeline.store import tile_status
 
     return tile_status(store)[0]
+
+
+def finished_store(root: Path, cifar_root: Path, *, train: int = 40, test: int = 20, tile: int = 20):
+    """A store computed to the end by `cntk run` (one worker, one thread) under root; returns (store, config)."""
+    store = root / "g.zarr"
+    config = write_config(root / "g.yaml", cifar_root=cifar_root, store=store, train=train, test=test, tile=tile)
+    result = cntk("run", config, "--workers", "1", "--threads", "1", "--no-progress")
+    assert result.returncode == 0, result.stdout
+    return store, config

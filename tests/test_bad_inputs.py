@@ -12,18 +12,13 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
-from cluster_procs import cntk, free_port, write_config
+from cluster_procs import cntk, finished_store, free_port, write_config
 
 
 @pytest.fixture(scope="module")
 def computed(tmp_path_factory, cifar_root):
     """A finished store (40 + 20 images, tiles of 20) and its config."""
-    root = tmp_path_factory.mktemp("computed")
-    store = root / "g.zarr"
-    config = write_config(root / "g.yaml", cifar_root=cifar_root, store=store, train=40, test=20, tile=20)
-    result = cntk("run", config, "--workers", "1", "--threads", "1", "--no-progress")
-    assert result.returncode == 0, result.stdout
-    return store, config
+    return finished_store(tmp_path_factory.mktemp("computed"), cifar_root)
 
 
 def snapshot(store: Path) -> dict[str, str]:

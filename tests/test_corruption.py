@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.store import verify_tile
 
-from cluster_procs import (assert_bit_identical, cntk, done_tiles, free_port, gram_arrays, start_scheduler,
-                           start_worker, stop, wait_for_workers, write_config)
+from cluster_procs import (assert_bit_identical, cntk, done_tiles, finished_store, free_port, gram_arrays,
+                           start_scheduler, start_worker, stop, wait_for_workers, write_config)
 
 TILE = (0, 1)
 CHUNK = Path("gram/ntk-vanilla/depth-3/c/0/1")   # chunk of TILE in one of the store's arrays
@@ -23,12 +23,7 @@ RECORD = Path("tiles/done/0-1/zarr.json")
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory, cifar_root):
     """A finished store (40 + 20 images, tiles of 20: 5 tiles) and its config."""
-    root = tmp_path_factory.mktemp("pristine")
-    store = root / "g.zarr"
-    config = write_config(root / "g.yaml", cifar_root=cifar_root, store=store, train=40, test=20, tile=20)
-    result = cntk("run", config, "--workers", "1", "--threads", "1", "--no-progress")
-    assert result.returncode == 0, result.stdout
-    return store, config
+    return finished_store(tmp_path_factory.mktemp("pristine"), cifar_root)
 
 
 @pytest.fixture(scope="module")

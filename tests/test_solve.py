@@ -232,3 +232,15 @@ def test_gpu_blocked_and_in_core_match_numpy(rng):
         factor = solve.cholesky_blocked(a, device="gpu", panel_width=panel_width)
         assert rel_err(solve.cho_solve_blocked(factor, b), np.linalg.solve(k, b)) <= 1e-8
         factor.close()
+
+
+def test_cpu_panels_never_exceed_the_potrf_cap():
+    """Even when the whole matrix fits the budget, CPU panels stay <= CPU_MAX_PANEL wide (whole tiles)."""
+    from pipeline.solve import CPU_MAX_PANEL, plan_panels
+
+    bounds = plan_panels(20000, chunk=500, memory_budget=12 * 2 ** 30, max_width=CPU_MAX_PANEL)
+    widths = [c1 - c0 for c0, c1 in bounds]
+    assert max(widths) <= CPU_MAX_PANEL and all(w % 500 == 0 for w in widths)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 20000
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert plan_panels(20000, chunk=500, memory_budget=12 * 2 ** 30) == [(0, 20000)]  # no cap: one panel
