@@ -17,6 +17,7 @@ cancels the store's queued tasks on the scheduler by key prefix. Running tiles f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -122,11 +123,6 @@ def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str,
     return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths)
 
 
-def _resolve_on_worker(name: str) -> str:
-    from workers.backends import resolve_backend
-    return resolve_backend(name)
-
-
 def _keys_with_prefix(dask_scheduler=None, *, prefix: str) -> list[str]:
     return [key for key in dask_scheduler.tasks if isinstance(key, str) and key.startswith(prefix)]
 
@@ -134,7 +130,7 @@ def _keys_with_prefix(dask_scheduler=None, *, prefix: str) -> list[str]:
 # --- client side -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def connect(*, scheduler: str | None, scheduler_file: str | None):
+def connect(*, scheduler: str | None, scheduler_file: str | None, set_as_default: bool = False):
     """A Client on an existing cluster; UserError with what to do when it cannot be reached."""
     from distributed import Client
 
@@ -149,7 +145,7 @@ def connect(*, scheduler: str | None, scheduler_file: str | None):
     target = scheduler or scheduler_file
     try:
         client = Client(address=scheduler, scheduler_file=scheduler_file,
-                        timeout=f"{CONNECT_TIMEOUT_S}s", set_as_default=False)
+                        timeout=f"{CONNECT_TIMEOUT_S}s", set_as_default=set_as_default)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
         raise UserError(f"cannot reach the Dask scheduler at {target} within {CONNECT_TIMEOUT_S} s "
                         f"({type(exc).__name__}); check the address and that the scheduler is running") from None
@@ -167,40 +163,26 @@ def submit(config, *, scheduler: str | None = None, scheduler_file: str | None =
     """
     from distributed import fire_and_forget
 
-    from pipeline.data import prepare_inputs
-    from pipeline.plan import check_tile_size
-    from pipeline.store import check_existing, prepare_store, tile_status, verify_tile
+    from pipeline.schedule import prepare_run, register_gpu_plugin
 
     scheduler = scheduler or config.cluster.scheduler
     scheduler_file = scheduler_file or config.cluster.scheduler_file
     store = str(Path(config.store).resolve())
+    config = dataclasses.replace(config, store=store)
     with connect(scheduler=scheduler, scheduler_file=scheduler_file) as client:
-        check_existing(store, config)
-        inputs = prepare_inputs(config.data)
-        check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
-        try:
-            prepare_store(store, config=config, inputs=inputs)
-        except UserError:
-            if not Path(store, "zarr.json").exists():
-                raise
-            prepare_store(store, config=config, inputs=inputs)  # lost a creation race: check the winner's
-        remove_stray_files(store)
-        done, planned = tile_status(store)
-        damaged = {tile for tile in done if verify_tile(store, tile, deep=False)}
-        todo = [tile for tile in planned if tile not in done or tile in damaged]
+        prep = prepare_run(config)
         backend = _cluster_backend(client, config.backend)
         if backend == "gpu":
-            _register_gpu_plugin(client)
-        clear_cancel(store)
+            register_gpu_plugin(client)
         kernel = config.kernel
         futures = [client.submit(run_tile, store, tile[0], tile[1], backend=backend, archs=kernel.archs,
                                  kinds=kernel.kinds, depths=kernel.depths, key=tile_key(store, tile),
                                  retries=config.cluster.retries, pure=False)
-                   for tile in todo]
+                   for tile in prep.todo]
         fire_and_forget(futures)  # closing the client flushes these messages to the scheduler first
     return {"store": store, "backend": backend, "scheduler": scheduler or scheduler_file,
-            "tiles_total": len(planned), "tiles_done_before": len(done - damaged),
-            "tiles_damaged": len(damaged), "tiles_submitted": len(todo)}
+            "tiles_total": len(prep.planned), "tiles_done_before": len(prep.done - prep.damaged),
+            "tiles_damaged": len(prep.damaged), "tiles_submitted": len(prep.todo)}
 
 
 def _cluster_backend(client, name: str) -> str:
@@ -212,16 +194,9 @@ def _cluster_backend(client, name: str) -> str:
     except TimeoutError:
         raise UserError("the cluster has no workers (waited 60 s); start workers, or give backend: cpu "
                         "or backend: gpu so that tiles can be queued before workers join") from None
-    return client.submit(_resolve_on_worker, name, pure=False).result()
+    from pipeline.schedule import _resolve_here
 
-
-def _register_gpu_plugin(client) -> None:
-    """Per-worker GPU set-up (as `cntk run` does), when the GPU backend ships one."""
-    try:
-        from workers.gpu_plugin import GPUSetup
-    except ImportError:
-        return
-    client.register_plugin(GPUSetup())
+    return client.submit(_resolve_here, name, pure=False).result()
 
 
 def cancel(store_path: str | os.PathLike, *, scheduler: str | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -21,9 +22,7 @@ from pipeline.data import prepare_inputs
 from pipeline.errors import UserError
 from pipeline.plan import check_tile_size, tile_pairs
 from pipeline.store import bounds_of, check_existing, layout, prepare_store, tile_status, verify_tile
-from pipeline.cluster import clear_cancel, remove_stray_files, run_tile
-
-CONNECT_TIMEOUT_S = 5
+from pipeline.cluster import clear_cancel, connect, remove_stray_files, run_tile
 
 
 def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None,
@@ -40,19 +39,8 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
     external = bool(scheduler or scheduler_file)
     # an existing cluster's workers may have GPUs this client lacks: there 'auto' is resolved on a worker
     backend = config.backend if external else _resolve_here(config.backend)
-    check_existing(config.store, config)  # refuse a foreign store before the (slow) data load
-    known_train = len(config.data.train_index) if config.data.train_index else config.data.train
-    if known_train is not None:
-        check_tile_size(n_train=known_train, size=config.tiles.size)
-    inputs = prepare_inputs(config.data)
-    check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
-    prepare_store(config.store, config=config, inputs=inputs)
-    remove_stray_files(config.store)  # temp files of writes interrupted long ago
-    clear_cancel(config.store)  # a new run overrides an earlier `cntk cancel`
-
-    done, planned = tile_status(config.store)
-    damaged = _damaged(config.store, done) if verify else set()
-    todo = [tile for tile in planned if tile not in done or tile in damaged]
+    prep = prepare_run(config, verify=verify)
+    inputs, planned, done, damaged, todo = prep.inputs, prep.planned, prep.done, prep.damaged, prep.todo
     bounds = bounds_of(layout(config.store))
     pairs_todo = sum(tile_pairs(bounds, tile) for tile in todo)
     if todo:
@@ -61,7 +49,7 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
             if backend == "auto":
                 backend = client.submit(_resolve_here, "auto", pure=False).result()
                 if backend == "gpu":
-                    _register_gpu_plugin(client)
+                    register_gpu_plugin(client)
             _execute(client, todo, config=config, backend=backend,
                      pairs_todo=pairs_todo, progress=progress)
     return {
@@ -71,6 +59,35 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
         "tiles_damaged": len(damaged), "tiles_computed": len(todo), "pairs_computed": pairs_todo,
         "wall_seconds": time.time() - started,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """What a run or submit has to do: the loaded inputs and the tiles planned, done, damaged and to do."""
+    inputs: object
+    planned: list
+    done: set
+    damaged: set
+    todo: list
+
+
+def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
+    """Check and create the store, clear leftovers of earlier runs, and list the tiles still to compute.
+
+    verify: re-check the chunk checksums of done tiles (damaged ones are redone); False trusts the records."""
+    check_existing(config.store, config)  # refuse a foreign store before the (slow) data load
+    known_train = len(config.data.train_index) if config.data.train_index else config.data.train
+    if known_train is not None:
+        check_tile_size(n_train=known_train, size=config.tiles.size)
+    inputs = prepare_inputs(config.data)
+    check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
+    prepare_store(config.store, config=config, inputs=inputs)
+    remove_stray_files(config.store)  # temp files of writes interrupted long ago
+    clear_cancel(config.store)  # a new run overrides an earlier `cntk cancel`
+    done, planned = tile_status(config.store)
+    damaged = _damaged(config.store, done) if verify else set()
+    todo = [tile for tile in planned if tile not in done or tile in damaged]
+    return PreparedRun(inputs=inputs, planned=planned, done=done, damaged=damaged, todo=todo)
 
 
 def _resolve_here(name: str) -> str:
@@ -137,27 +154,21 @@ def _client(*, scheduler: str | None, scheduler_file: str | None, cluster: Clust
     from distributed import Client
 
     if scheduler or scheduler_file:
-        if scheduler_file and not Path(scheduler_file).exists():
-            raise UserError(f"scheduler file {scheduler_file} does not exist; start the scheduler with "
-                            f"--scheduler-file {scheduler_file} first")
-        target = scheduler or scheduler_file
-        try:
-            client = Client(address=scheduler, scheduler_file=scheduler_file, timeout=f"{CONNECT_TIMEOUT_S}s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise UserError(f"cannot reach the Dask scheduler at {target} within {CONNECT_TIMEOUT_S} s "
-                            f"({type(exc).__name__}); check the address and that the scheduler is running") from None
-        local = None
-    else:
-        local = _local_cluster(cluster=cluster, backend=backend)
-        client = Client(local)
+        # the run path needs a default client (without one Dask raises "No clients found")
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file, set_as_default=True) as client:
+            if backend == "gpu":
+                register_gpu_plugin(client)
+            yield client
+        return
+    local = _local_cluster(cluster=cluster, backend=backend)
+    client = Client(local)
     try:
         if backend == "gpu":
-            _register_gpu_plugin(client)
+            register_gpu_plugin(client)
         yield client
     finally:
         client.close()
-        if local is not None:
-            local.close()
+        local.close()
 
 
 def _local_cluster(*, cluster: ClusterConfig, backend: str):
@@ -176,7 +187,8 @@ def _local_cluster(*, cluster: ClusterConfig, backend: str):
                         dashboard_address=":0", silence_logs=logging.ERROR, env=env)
 
 
-def _register_gpu_plugin(client) -> None:
+def register_gpu_plugin(client) -> None:
+    """Per-worker GPU set-up, when the GPU backend ships its plugin."""
     try:
         from workers.gpu_plugin import GPUSetup
     except ImportError:
