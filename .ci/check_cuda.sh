@@ -7,12 +7,12 @@ if ! command -v nvcc >/dev/null 2>&1; then
     echo "check_cuda: nvcc not found, skipping the CUDA compile check"
     exit 0
 fi
-# The launcher's options (workers.gpu.compile_options): C++17 plus its -D flags; the file-level defaults agree.
+# The launcher's options (cntk_gram.workers.gpu.compile_options): C++17 plus its -D flags; the file-level defaults agree.
 python="${PYTHON:-python3}"
-option_line="$(cd "$repo" && "$python" -c 'from workers.gpu import compile_options; print(" ".join(compile_options()))')"
+option_line="$(cd "$repo" && "$python" -c 'from cntk_gram.workers.gpu import compile_options; print(" ".join(compile_options()))')"
 read -r -a options <<< "$option_line"
 if [ "${#options[@]}" -eq 0 ]; then
-    echo "check_cuda: could not read the launcher's compile options from workers.gpu"
+    echo "check_cuda: could not read the launcher's compile options from cntk_gram.workers.gpu"
     exit 1
 fi
 status=0

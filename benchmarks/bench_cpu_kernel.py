@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cpu_info, write_result  # noqa: E402
-from workers.cpu import tile_kernels  # noqa: E402
+from cntk_gram.workers.cpu import tile_kernels  # noqa: E402
 
 # Float operations per entry and layer in workers/_cpu_kernels.py, counted from the source:
 # rho 2 mul + clamp 2 + abs 1; arccos polynomial 7 mul + 7 add, 1 - a, sqrt, mul; pi - t select 3;

@@ -25,7 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from workers import gpu  # noqa: E402
+from cntk_gram.workers import gpu  # noqa: E402
 
 FULL_CIFAR_PAIRS = 50000 * 50001 // 2 + 50000 * 10000     # train upper triangle + train x test ~= 1.75e9
 ENTRIES = 32 ** 4
@@ -183,9 +183,9 @@ def count_sass(*, sm: str = "sm_90") -> dict | None:
 
 
 def accuracy(*, max_depth: int = 21, seed: int = 1) -> dict:
-    """Max relative error of workers.gpu.tile_kernels vs the float64 reference (workers.reference) on a 2 x 2 tile
+    """Max relative error of cntk_gram.workers.gpu.tile_kernels vs the float64 reference (cntk_gram.workers.reference) on a 2 x 2 tile
     (one pair an image with itself) and a 2-image diagonal tile, every depth 2..max_depth, both archs and kinds."""
-    from workers.reference import cntk_reference
+    from cntk_gram.workers.reference import cntk_reference
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
     y = np.stack([x[0], rng.standard_normal((32, 32, 3)).astype(np.float32)])

@@ -36,7 +36,7 @@ def main():
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(config))
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--no-progress"],
+        proc = subprocess.run([sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(path), "--no-progress"],
                               capture_output=True, text=True)
         seconds = time.perf_counter() - start
         print(proc.stdout[-3000:], proc.stderr[-3000:])

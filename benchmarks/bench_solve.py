@@ -6,7 +6,7 @@
 For each n a synthetic SPD kernel (exponential kernel exp(-|x - y| / scale) on random points, full rank
 like a CNTK Gram) is written into a real store (same layout as `cntk run`: float32 tiles, upper
 triangle only, n_train train rows + n_test test rows), then a fresh process times
-pipeline.solve.fit_alpha + predict_scores on it and reports: wall seconds, peak RSS
+cntk_gram.pipeline.solve.fit_alpha + predict_scores on it and reports: wall seconds, peak RSS
 (resource.getrusage ru_maxrss: includes touched pages of memory-mapped factor panels), peak traced
 allocations (tracemalloc: numpy buffers), the relative residual |K alpha - Y| / |Y|, and the panel plan.
 """
@@ -35,9 +35,9 @@ def write_synthetic_store(store: Path, *, n_train: int, n_test: int, tile: int, 
     """A store with one array gram/ntk-vanilla/depth-3 holding an SPD exponential kernel."""
     import zarr
 
-    from pipeline.config import build_config
-    from pipeline.data import Inputs
-    from pipeline.store import prepare_store
+    from cntk_gram.pipeline.config import build_config
+    from cntk_gram.pipeline.data import Inputs
+    from cntk_gram.pipeline.store import prepare_store
 
     n = n_train + n_test
     rng = np.random.default_rng(seed)
@@ -61,9 +61,9 @@ def write_synthetic_store(store: Path, *, n_train: int, n_test: int, tile: int, 
 
 def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> dict:
     """Runs in a fresh process: time and memory of one lambda = 0 fit and prediction."""
-    from pipeline.solve import CPU_MAX_PANEL, fit_alpha, plan_panels, predict_scores
-    from pipeline.store import open_gram, read_inputs
-    from workers.preprocess import targets
+    from cntk_gram.pipeline.solve import CPU_MAX_PANEL, fit_alpha, plan_panels, predict_scores
+    from cntk_gram.pipeline.store import open_gram, read_inputs
+    from cntk_gram.workers.preprocess import targets
 
     info = read_inputs(store)
     n_train = info["n_train"]
@@ -91,7 +91,7 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
 
 
 def main() -> None:
-    from pipeline.solve_cli import parse_bytes
+    from cntk_gram.pipeline.solve_cli import parse_bytes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="n_train (repeatable) [10000, 20000]")

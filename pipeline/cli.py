@@ -1,4 +1,4 @@
-"""`cntk` command line: thin click wrappers over pipeline.schedule / pipeline.inspect."""
+"""`cntk` command line: thin click wrappers over cntk_gram.pipeline.schedule / cntk_gram.pipeline.inspect."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
+from cntk_gram.pipeline.errors import UserError
 
 
 @click.group()
@@ -51,8 +51,8 @@ def _names(text: str | None) -> list[str] | None:
 def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, backend, scheduler,
         scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
-    from pipeline.config import load_config
-    from pipeline.schedule import run as run_config
+    from cntk_gram.pipeline.config import load_config
+    from cntk_gram.pipeline.schedule import run as run_config
 
     overrides = {
         "store": store, "data.root": data_root, "data.train": train, "data.test": test,
@@ -76,7 +76,7 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
 @click.argument("store", type=click.Path())
 def status(store):
     """Done / total tiles per kernel array, throughput and ETA."""
-    from pipeline.inspect import format_seconds, status as store_status
+    from cntk_gram.pipeline.inspect import format_seconds, status as store_status
 
     s = _guard(store_status, store)
     click.echo(f"tiles {s['tiles_done']}/{s['tiles_total']}, pairs {s['pairs_done']:,}/{s['pairs_total']:,}")
@@ -99,7 +99,7 @@ def status(store):
               help="Directory for the PNG files.")
 def inspect(store, tile, kernel, depth, out):
     """Summary and a coverage PNG of done tiles; with --tile I J, one tile's statistics and heatmap."""
-    from pipeline.inspect import coverage_png, summary, tile_report
+    from cntk_gram.pipeline.inspect import coverage_png, summary, tile_report
 
     out = Path(out)
     _guard(out.mkdir, parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def inspect(store, tile, kernel, depth, out):
 @click.argument("store", type=click.Path())
 def verify(store):
     """Check checksums, NaNs, diagonal positivity and diagonal-tile symmetry; exit 1 on damage."""
-    from pipeline.inspect import verify as verify_store
+    from cntk_gram.pipeline.inspect import verify as verify_store
 
     report = _guard(verify_store, store)
     for problem in report["problems"]:
@@ -144,7 +144,7 @@ def verify(store):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy file.")
 def export(store, kernel, depth, out):
     """Write the assembled symmetric N x N matrix of one kernel and depth to a .npy file."""
-    from pipeline.inspect import export as export_gram
+    from cntk_gram.pipeline.inspect import export as export_gram
 
     click.echo(f"wrote {_guard(export_gram, store, kernel=kernel, depth=depth, out=out)}")
 
@@ -163,11 +163,11 @@ def _guard(fn, *args, **kwargs):
 
 # --- commands of other modules: register them here ----------------------------------------------
 # Each engineer adds one guarded line for their command, e.g.
-#     from pipeline.solve_cli import solve; main.add_command(solve)
-from pipeline.cluster import cancel_command, submit_command  # noqa: E402  (issue 5: submit-and-detach)
+#     from cntk_gram.pipeline.solve_cli import solve; main.add_command(solve)
+from cntk_gram.pipeline.cluster import cancel_command, submit_command  # noqa: E402  (issue 5: submit-and-detach)
 main.add_command(submit_command)
 main.add_command(cancel_command)
-from pipeline.solve_cli import paper, solve  # noqa: E402  (issue 4: solve, scoring, paper tables)
+from cntk_gram.pipeline.solve_cli import paper, solve  # noqa: E402  (issue 4: solve, scoring, paper tables)
 main.add_command(solve)
 main.add_command(paper)
 # ------------------------------------------------------------------------------------------------

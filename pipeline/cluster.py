@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
+from cntk_gram.pipeline.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
 CANCEL_FLAG = "tiles/cancel/zarr.json"
@@ -112,8 +112,8 @@ def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str,
     Returns compute_tile's dict, or {'tile', 'pairs': 0, 'seconds': 0, 'compute_seconds': 0,
     'skipped': 'cancelled' | 'done'}.
     """
-    from pipeline.store import verify_tile
-    from pipeline.tasks import compute_tile
+    from cntk_gram.pipeline.store import verify_tile
+    from cntk_gram.pipeline.tasks import compute_tile
 
     skipped = {"tile": (I, J), "pairs": 0, "seconds": 0.0, "compute_seconds": 0.0}
     if cancel_requested(store_path):
@@ -163,7 +163,7 @@ def submit(config, *, scheduler: str | None = None, scheduler_file: str | None =
     """
     from distributed import fire_and_forget
 
-    from pipeline.schedule import prepare_run, register_gpu_plugin
+    from cntk_gram.pipeline.schedule import prepare_run, register_gpu_plugin
 
     scheduler = scheduler or config.cluster.scheduler
     scheduler_file = scheduler_file or config.cluster.scheduler_file
@@ -194,7 +194,7 @@ def _cluster_backend(client, name: str) -> str:
     except TimeoutError:
         raise UserError("the cluster has no workers (waited 60 s); start workers, or give backend: cpu "
                         "or backend: gpu so that tiles can be queued before workers join") from None
-    from pipeline.schedule import _resolve_here
+    from cntk_gram.pipeline.schedule import _resolve_here
 
     return client.submit(_resolve_here, name, pure=False).result()
 
@@ -207,7 +207,7 @@ def cancel(store_path: str | os.PathLike, *, scheduler: str | None = None,
     """
     from distributed import Future
 
-    from pipeline.store import layout
+    from cntk_gram.pipeline.store import layout
 
     store = str(Path(store_path).resolve())
     layout(store)  # UserError when this is not a store
@@ -239,7 +239,7 @@ scheduler_file_option = click.option("--scheduler-file", default=None, metavar="
               help="tile backend on the workers (overrides the config)")
 def submit_command(config_path, scheduler, scheduler_file, store, backend):
     """Queue CONFIG's missing tiles on a running cluster and return; follow with `cntk status STORE`."""
-    from pipeline.config import load_config
+    from cntk_gram.pipeline.config import load_config
 
     config = load_config(config_path, {"store": store, "backend": backend})
     summary = submit(config, scheduler=scheduler, scheduler_file=scheduler_file)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
+from cntk_gram.pipeline.errors import UserError
 
 ARCHS = ("vanilla", "gap", "fc")
 KINDS = ("ntk", "nngp")

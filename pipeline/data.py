@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DataConfig
-from pipeline.errors import UserError
-from workers.preprocess import channel_stats, preprocess
+from cntk_gram.pipeline.config import DataConfig
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.workers.preprocess import channel_stats, preprocess
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.errors import UserError
-from pipeline.plan import tile_pairs
-from pipeline.store import (all_records, array_name, bounds_of, open_gram, planned_tiles, read_record,
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.plan import tile_pairs
+from cntk_gram.pipeline.store import (all_records, array_name, bounds_of, open_gram, planned_tiles, read_record,
                             store_attrs, verify_tile)
 
 RATE_WINDOW = 50  # recent records used for throughput and ETA
@@ -136,8 +136,8 @@ def verify(store_path: str | Path) -> dict:
     diagonal tiles; the stored inputs are checked against the data fingerprint.
 
     Returns {'tiles_checked', 'tiles_missing', 'problems': [str]}; problems empty = no damage."""
-    from pipeline.cluster import stray_files
-    from pipeline.data import fingerprint_arrays
+    from cntk_gram.pipeline.cluster import stray_files
+    from cntk_gram.pipeline.data import fingerprint_arrays
 
     attrs = store_attrs(store_path)
     info = attrs["layout"]

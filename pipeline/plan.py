@@ -7,7 +7,7 @@ train x test, and test x test (upper triangle) only when asked for.
 """
 from __future__ import annotations
 
-from pipeline.errors import UserError
+from cntk_gram.pipeline.errors import UserError
 
 
 def check_tile_size(*, n_train: int, size: int) -> None:

@@ -1,6 +1,6 @@
 """Reports of a solved store: table (text, Markdown, JSON), accuracy vs depth, confusion matrix, paper numbers.
 
-A row (from pipeline.solve.solve_store) is a JSON-able dict: kernel, depth, n_train, n_test and, per
+A row (from cntk_gram.pipeline.solve.solve_store) is a JSON-able dict: kernel, depth, n_train, n_test and, per
 setting ('paper' = lambda 0, 'validated' = lambda chosen on held-out training images), lambda, accuracy
 in [0, 1] (or error) and confusion (rows = true class); or a top-level 'error' for an incomplete kernel.
 """

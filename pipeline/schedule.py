@@ -17,12 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ClusterConfig, RunConfig
-from pipeline.data import prepare_inputs
-from pipeline.errors import UserError
-from pipeline.plan import check_tile_size, tile_pairs
-from pipeline.store import bounds_of, check_existing, layout, prepare_store, tile_status, verify_tile
-from pipeline.cluster import clear_cancel, connect, remove_stray_files, run_tile
+from cntk_gram.pipeline.config import ClusterConfig, RunConfig
+from cntk_gram.pipeline.data import prepare_inputs
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.plan import check_tile_size, tile_pairs
+from cntk_gram.pipeline.store import bounds_of, check_existing, layout, prepare_store, tile_status, verify_tile
+from cntk_gram.pipeline.cluster import clear_cancel, connect, remove_stray_files, run_tile
 
 
 def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None,
@@ -92,7 +92,7 @@ def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
 
 def _resolve_here(name: str) -> str:
     """'auto' | 'cpu' | 'gpu' -> the backend usable in this process ('cpu' or 'gpu')."""
-    from workers.backends import resolve_backend
+    from cntk_gram.workers.backends import resolve_backend
 
     try:
         return resolve_backend(name)
@@ -190,7 +190,7 @@ def _local_cluster(*, cluster: ClusterConfig, backend: str):
 def register_gpu_plugin(client) -> None:
     """Per-worker GPU set-up, when the GPU backend ships its plugin."""
     try:
-        from workers.gpu_plugin import GPUSetup
+        from cntk_gram.workers.gpu_plugin import GPUSetup
     except ImportError:
         return
     client.register_plugin(GPUSetup())

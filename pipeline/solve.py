@@ -322,7 +322,7 @@ def select_lambda(k_train: da.Array, train_labels: np.ndarray, *, lambdas=DEFAUL
     Returns {"lambda", "val_accuracy": {lam: acc or None if not PD}, "n_fit", "n_val", "seed"}.
     Ties go to the smallest lam. Raises NotPositiveDefinite when no lam in the grid factors.
     """
-    from workers.preprocess import targets
+    from cntk_gram.workers.preprocess import targets
 
     train_labels = np.asarray(train_labels)
     if train_labels.shape != (k_train.shape[0],):
@@ -361,7 +361,7 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, lambdas=DE
     where a fit is {"lambda", "accuracy", "alpha" (n_train, C), "scores" (n_test, C), "predictions"}
     or {"lambda", "error", "smallest_working_lambda"} when K is not positive definite.
     """
-    from workers.preprocess import targets
+    from cntk_gram.workers.preprocess import targets
 
     labels = np.asarray(labels)
     train_labels, test_labels = labels[:n_train], labels[n_train:]
@@ -396,7 +396,7 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, lambdas=DE
 
 def stored_kernels(store_path) -> list[tuple[str, int]]:
     """[(key, depth), ...] of the Gram arrays a store plans, sorted."""
-    from pipeline.store import layout
+    from cntk_gram.pipeline.store import layout
 
     names = layout(store_path)["arrays"]            # 'gram/{key}/depth-{D}'
     return sorted((name.split("/")[1], int(name.rsplit("-", 1)[1])) for name in names)
@@ -419,8 +419,8 @@ def solve_store(store_path, *, kernels=None, depths=None, progress=None, **optio
     """
     import zarr
 
-    from pipeline.errors import UserError
-    from pipeline.store import open_gram, read_inputs
+    from cntk_gram.pipeline.errors import UserError
+    from cntk_gram.pipeline.store import open_gram, read_inputs
 
     inputs = read_inputs(store_path)
     labels, n_train = np.asarray(inputs["labels"], dtype=np.int64), inputs["n_train"]

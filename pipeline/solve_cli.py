@@ -1,7 +1,7 @@
 """`cntk solve STORE` and `cntk paper CONFIG`: kernel regression on a store, tables and plots.
 
-Thin click layer: options map one-to-one onto keyword arguments of pipeline.solve.solve_store and
-pipeline.report.write_report.
+Thin click layer: options map one-to-one onto keyword arguments of cntk_gram.pipeline.solve.solve_store and
+cntk_gram.pipeline.report.write_report.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
-from pipeline.report import PAPER_REFERENCE, format_table, write_report
-from pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.report import PAPER_REFERENCE, format_table, write_report
+from cntk_gram.pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
 
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -74,7 +74,7 @@ def default_out(store: str | Path) -> Path:
 def run_solve(store, *, out, kernels, depths, lambdas, val_fraction, seed, no_validation, device,
               memory_budget, scratch, reference, title=None, extra=None) -> dict:
     """Solve every kernel of `store`, print the table, write the report; return the written paths."""
-    from pipeline.solve import DeviceUnavailable, solve_store
+    from cntk_gram.pipeline.solve import DeviceUnavailable, solve_store
 
     store = Path(store)
     if not 0.0 < val_fraction < 1.0:
@@ -123,8 +123,8 @@ def paper(config, scheduler, scheduler_file, **options):
 
     Runs `cntk run CONFIG`, then `cntk solve` on its store, and prints our accuracies next to the
     paper's (the table is picked from the config file name unless --reference is given)."""
-    from pipeline import schedule
-    from pipeline.config import load_config
+    from cntk_gram.pipeline import schedule
+    from cntk_gram.pipeline.config import load_config
 
     run_config = load_config(config)
     summary = schedule.run(run_config, scheduler=scheduler, scheduler_file=scheduler_file, progress=True)

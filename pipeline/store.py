@@ -29,10 +29,10 @@ import zarr
 from dask.highlevelgraph import HighLevelGraph
 from zarr.codecs import Crc32cCodec
 
-from pipeline.config import RunConfig, config_differences, to_dict
-from pipeline.data import Inputs, fingerprint
-from pipeline.errors import UserError
-from pipeline.plan import block_bounds, plan_tiles
+from cntk_gram.pipeline.config import RunConfig, config_differences, to_dict
+from cntk_gram.pipeline.data import Inputs, fingerprint
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.plan import block_bounds, plan_tiles
 
 RECORDS = "tiles/done"
 

@@ -6,8 +6,8 @@ import time
 
 import zarr
 
-from pipeline.plan import tile_pairs
-from pipeline.store import array_name, bounds_of, layout, write_tile
+from cntk_gram.pipeline.plan import tile_pairs
+from cntk_gram.pipeline.store import array_name, bounds_of, layout, write_tile
 
 
 def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
@@ -18,7 +18,7 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     max_depth = max(depths), writes one chunk per (kind, arch, depth), then the completion record.
     Deterministic for a given backend, so a recomputed tile is bit-identical.
     """
-    from workers.backends import get_backend  # imported on the worker: the GPU backend needs its device
+    from cntk_gram.workers.backends import get_backend  # imported on the worker: the GPU backend needs its device
 
     started = time.time()
     bounds = bounds_of(layout(store_path))

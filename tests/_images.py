@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.preprocess import channel_stats, preprocess
+from cntk_gram.workers.preprocess import channel_stats, preprocess
 
 
 def cifar_images(root: Path, n: int) -> np.ndarray:

@@ -28,7 +28,7 @@ def proc_env(**extra: str) -> dict[str, str]:
 
 
 def cntk_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    return [sys.executable, "-m", "cntk_gram.pipeline.cli", *map(str, args)]
 
 
 def cntk(*args: str, timeout: float = 120, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -132,7 +132,7 @@ def assert_bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 
 
 def done_tiles(store: Path) -> set[tuple[int, int]]:
-    from pipeline.store import tile_status
+    from cntk_gram.pipeline.store import tile_status
 
     return tile_status(store)[0]
 

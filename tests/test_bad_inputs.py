@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cntk_gram.pipeline.cli import main
 
 from cluster_procs import cntk, finished_store, free_port, write_config
 

@@ -24,7 +24,7 @@ TILE_LOG_PRELOAD = '''
 import os
 import time
 
-import pipeline.tasks as tasks
+import cntk_gram.pipeline.tasks as tasks
 
 
 def _log(event, I, J):

@@ -6,11 +6,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import pipeline.data
-from pipeline.cli import main
-from pipeline.config import build_config
-from pipeline.data import prepare_inputs
-from pipeline.store import prepare_store
+import cntk_gram.pipeline.data
+from cntk_gram.pipeline.cli import main
+from cntk_gram.pipeline.config import build_config
+from cntk_gram.pipeline.data import prepare_inputs
+from cntk_gram.pipeline.store import prepare_store
 
 TINY = {"data": {"train": 20, "test": 0}, "kernel": {"archs": ["vanilla"], "depths": [2]},
         "tiles": {"size": 20}, "backend": "cpu", "cluster": {"threads": 1}}
@@ -39,7 +39,7 @@ def fails_with_one_line(args, *needles):
 def test_missing_data(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(pipeline.data, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
     fails_with_one_line(["run", config_file(tmp_path, root=empty)], "no CIFAR-10 under", "download")
     no_download = {**TINY["data"], "download": False}
     fails_with_one_line(["run", config_file(tmp_path, root=empty, data=no_download)], "data.download")

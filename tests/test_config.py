@@ -1,8 +1,8 @@
 """Config loading: the issue's YAML shape, validation messages, overrides, resume comparison."""
 import pytest
 
-from pipeline.config import build_config, config_differences, load_config, to_dict
-from pipeline.errors import UserError
+from cntk_gram.pipeline.config import build_config, config_differences, load_config, to_dict
+from cntk_gram.pipeline.errors import UserError
 
 ISSUE_YAML = """
 data:    {source: cifar10, root: /some/dir, train: 2000, test: 2000}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import verify_tile
+from cntk_gram.pipeline.store import verify_tile
 
 from cluster_procs import (assert_bit_identical, cntk, done_tiles, finished_store, free_port, gram_arrays,
                            start_scheduler, start_worker, stop, wait_for_workers, write_config)

@@ -1,11 +1,11 @@
-"""The fast CPU path against the float64 oracle (workers.reference): random and real images, both architectures,
+"""The fast CPU path against the float64 oracle (cntk_gram.workers.reference): random and real images, both architectures,
 NTK and NNGP, every depth 2..8 and one case at 21; float64 path <= 1e-9 relative, float32 path <= 1e-5."""
 import numpy as np
 import pytest
 
-from workers.cpu import tile_kernels
-from workers.fc import fc_kernels
-from workers.reference import cntk_reference, fc_reference
+from cntk_gram.workers.cpu import tile_kernels
+from cntk_gram.workers.fc import fc_kernels
+from cntk_gram.workers.reference import cntk_reference, fc_reference
 
 from _images import cifar_images
 

@@ -235,7 +235,7 @@ def _assert_store_matches_whole_block(store: Path, *, n_train: int, n_test: int,
     """The Gram assembled from tiles equals the CPU kernel on the whole block at once."""
     import zarr
 
-    from workers.cpu import tile_kernels
+    from cntk_gram.workers.cpu import tile_kernels
 
     group = zarr.open_group(store, mode="r")
     whole = tile_kernels(group["inputs/images"][:], None, archs=("vanilla",), max_depth=max(depths))

@@ -23,7 +23,7 @@ kernel at the border that the NTKs of neighbouring depths get too close for a ch
 import numpy as np
 import pytest
 
-from workers.cpu import tile_kernels
+from cntk_gram.workers.cpu import tile_kernels
 
 torch = pytest.importorskip("torch")
 

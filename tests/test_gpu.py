@@ -1,4 +1,4 @@
-"""GPU tile worker (workers.gpu, workers/*.cu).
+"""GPU tile worker (cntk_gram.workers.gpu, workers/*.cu).
 
 Without a GPU: the .cu files compile for sm_80/sm_90 (nvcc), the pure-Python planner behaves, and cntk_tile.cu itself
 runs on the host through a small CUDA emulation (one std::thread per CUDA thread) against the float64 reference.
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from _images import cifar_images
-from workers import gpu
-from workers.reference import _layer_covariances, cntk_pair, cntk_reference, tr_d
+from cntk_gram.workers import gpu
+from cntk_gram.workers.reference import _layer_covariances, cntk_pair, cntk_reference, tr_d
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -391,7 +391,7 @@ def test_gpu_sub_batching_gives_the_same_tile(rng, monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_equals_cpu_backend(cifar_root):
-    from workers.backends import get_backend
+    from cntk_gram.workers.backends import get_backend
     x = cifar_images(cifar_root, 6)
     for y in (None, x[:2] + 0.5):
         got = get_backend("gpu").tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=6)
@@ -410,7 +410,7 @@ def test_gpu_module_is_cached():
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_plugin_selects_device_and_warms_module():
-    from workers.gpu_plugin import GPUSetup
+    from cntk_gram.workers.gpu_plugin import GPUSetup
     GPUSetup(device_id=0, memory_fraction=0.5).setup(worker=None)
     assert gpu.current_device() == 0
     assert gpu.load_module.cache_info().currsize >= 1

@@ -3,7 +3,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.cpu import tile_kernels
+from cntk_gram.workers.cpu import tile_kernels
 
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ARCHS = ("vanilla", "gap", "fc")

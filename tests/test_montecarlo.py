@@ -6,7 +6,7 @@ bias. Averaging R nets divides the spread by sqrt(R)."""
 import numpy as np
 import pytest
 
-from workers.cpu import tile_kernels
+from cntk_gram.workers.cpu import tile_kernels
 
 
 def conv3x3(x, w):

@@ -15,14 +15,14 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.config import build_config
-from pipeline.data import prepare_inputs
-from pipeline.errors import UserError
-from pipeline.schedule import run
-from pipeline.store import all_records, open_gram, prepare_store, read_record, tile_status
-from workers.backends import get_backend
-from workers.reference import cntk_reference, fc_reference
+from cntk_gram.pipeline.cli import main
+from cntk_gram.pipeline.config import build_config
+from cntk_gram.pipeline.data import prepare_inputs
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.schedule import run
+from cntk_gram.pipeline.store import all_records, open_gram, prepare_store, read_record, tile_status
+from cntk_gram.workers.backends import get_backend
+from cntk_gram.workers.reference import cntk_reference, fc_reference
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 train blocks + 2 test blocks of 20 images: 33 tiles of at most 400 pairs.
@@ -101,7 +101,7 @@ def test_gap_and_fc_tiles_match_the_oracle(cifar_root, tmp_path):
 def test_sigkill_then_resume_is_bit_identical(cifar_root, reference_store, tmp_path):
     store = tmp_path / "killed.zarr"
     config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress"]
+    command = [sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress"]
     process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     records = store / "tiles" / "done"
@@ -157,7 +157,7 @@ def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store
             client.wait_for_workers(2, timeout=60)
         store = tmp_path / "cluster.zarr"
         config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress",
+        result = subprocess.run([sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress",
                                  "--scheduler", address], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import UserError
-from pipeline.plan import block_bounds, check_tile_size, plan_tiles, tile_pairs
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.plan import block_bounds, check_tile_size, plan_tiles, tile_pairs
 
 
 @settings(max_examples=60, deadline=None)

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from workers import kernel_block
-from workers.cpu import tile_kernels
-from workers.preprocess import channel_stats, preprocess, targets
-from workers.reference import cntk_reference
+from cntk_gram.workers import kernel_block
+from cntk_gram.workers.cpu import tile_kernels
+from cntk_gram.workers.preprocess import channel_stats, preprocess, targets
+from cntk_gram.workers.reference import cntk_reference
 
 
 def test_standardisation_uses_training_statistics(rng):

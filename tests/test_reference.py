@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from workers.cpu import diag_maps
-from workers.reference import _relu_moments, relu_expectations, tr_d
+from cntk_gram.workers.cpu import diag_maps
+from cntk_gram.workers.reference import _relu_moments, relu_expectations, tr_d
 
 
 def test_tr_d_matches_definition_loops(rng):

@@ -6,12 +6,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline import report
-from pipeline.config import build_config
-from pipeline.data import Inputs
-from pipeline.solve_cli import paper, solve
-from pipeline.store import prepare_store
-from workers.preprocess import targets
+from cntk_gram.pipeline import report
+from cntk_gram.pipeline.config import build_config
+from cntk_gram.pipeline.data import Inputs
+from cntk_gram.pipeline.solve_cli import paper, solve
+from cntk_gram.pipeline.store import prepare_store
+from cntk_gram.workers.preprocess import targets
 
 N_TRAIN, N_TEST, TILE = 40, 15, 10   # test rows 40..54: a ragged last tile of 5
 
@@ -156,10 +156,10 @@ def test_paper_reference_holds_only_confirmed_numbers():
 
 
 def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
-    """`cntk paper` on 60 real CIFAR-10 images: kernel (pipeline.schedule.run) -> solve -> report."""
+    """`cntk paper` on 60 real CIFAR-10 images: kernel (cntk_gram.pipeline.schedule.run) -> solve -> report."""
     import yaml
 
-    from pipeline.store import open_gram
+    from cntk_gram.pipeline.store import open_gram
 
     config = tmp_path / "table1.yaml"     # the name picks the paper's Table 1 as reference
     store = tmp_path / "cifar60.zarr"

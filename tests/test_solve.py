@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import solve
-from workers.preprocess import targets
+from cntk_gram.pipeline import solve
+from cntk_gram.workers.preprocess import targets
 
 
 def spd_gram(rng, n, *, chunk, dtype=np.float64, rank=None):
@@ -177,7 +177,7 @@ def test_nan_tiles_are_reported_as_incomplete(rng):
 
 
 def fake_cupy(monkeypatch, *, free_bytes):
-    """A numpy stand-in with the CuPy calls pipeline.solve makes, so the device branch runs on CPU.
+    """A numpy stand-in with the CuPy calls cntk_gram.pipeline.solve makes, so the device branch runs on CPU.
     Like cuSOLVER (and unlike numpy), its cholesky returns NaN instead of raising on a non-PD block."""
     import contextlib
     import sys
@@ -236,7 +236,7 @@ def test_gpu_blocked_and_in_core_match_numpy(rng):
 
 def test_cpu_panels_never_exceed_the_potrf_cap():
     """Even when the whole matrix fits the budget, CPU panels stay <= CPU_MAX_PANEL wide (whole tiles)."""
-    from pipeline.solve import CPU_MAX_PANEL, plan_panels
+    from cntk_gram.pipeline.solve import CPU_MAX_PANEL, plan_panels
 
     bounds = plan_panels(20000, chunk=500, memory_budget=12 * 2 ** 30, max_width=CPU_MAX_PANEL)
     widths = [c1 - c0 for c0, c1 in bounds]

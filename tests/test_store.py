@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.config import build_config
-from pipeline.data import Inputs, prepare_inputs
-from pipeline.errors import UserError
-from pipeline.store import (array_name, open_gram, prepare_store, read_inputs, tile_status, verify_tile,
+from cntk_gram.pipeline.config import build_config
+from cntk_gram.pipeline.data import Inputs, prepare_inputs
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.store import (array_name, open_gram, prepare_store, read_inputs, tile_status, verify_tile,
                             write_tile)
 
 
@@ -181,16 +181,16 @@ def test_download_checks_md5_then_unpacks(cifar_root, tmp_path, monkeypatch):
     import hashlib
     import tarfile
 
-    import pipeline.data
+    import cntk_gram.pipeline.data
 
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
         tar.add(Path(cifar_root) / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    monkeypatch.setattr(pipeline.data, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_URL", archive.as_uri())
     with pytest.raises(UserError, match="expected c58f30108f718f92721af3b95e74349a"):
-        pipeline.data.load_cifar10(root=tmp_path / "first")
-    monkeypatch.setattr(pipeline.data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    loaded = pipeline.data.load_cifar10(root=tmp_path / "second")
+        cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "first")
+    monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    loaded = cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "second")
     assert loaded["train_images"].shape == (50000, 32, 32, 3) and loaded["test_labels"].shape == (10000,)
     assert (tmp_path / "second" / "cifar-10-batches-py" / "test_batch").exists()

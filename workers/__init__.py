@@ -2,7 +2,7 @@
 
 Public API (shapes: images are (n, P, Q, C) floats, preprocessed; kernels are (max_depth - 1, n, m)):
 
-    from workers import kernel_block, preprocess, channel_stats, targets
+    from cntk_gram.workers import kernel_block, preprocess, channel_stats, targets
     k = kernel_block(x, y, archs=("vanilla", "gap"), max_depth=21)   # dict "ntk-vanilla" -> (20, n, m)
     k["ntk-vanilla"][6 - 2]   # CNTK-V of depth 6 (5 conv layers + the output layer)
 

@@ -1,4 +1,4 @@
-"""Numba loops behind `workers.cpu` (displacement-slice formulation, ../docs and cntk-math.md).
+"""Numba loops behind `cntk_gram.workers.cpu` (displacement-slice formulation, ../docs and cntk-math.md).
 
 SIMD lanes run across LANES column images that meet the same row image: every map is stored (..., P, Q*LANES) with
 the lane index fastest, so each image row is one contiguous run of W*LANES values and every loop below is a long,

@@ -29,4 +29,4 @@ def get_backend(name: str):
     """The module implementing `tile_kernels` for a resolved backend name ('cpu' or 'gpu')."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
-    return importlib.import_module(f"workers.{name}")
+    return importlib.import_module(f"cntk_gram.workers.{name}")

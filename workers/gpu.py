@@ -121,7 +121,7 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21) ->
     """CNTK and NNGP blocks for every depth 2..max_depth on the GPU, one pass per architecture.
 
     x: (n, 32, 32, 3) float32 preprocessed images; y: (m, 32, 32, 3) or None (a diagonal tile: pairs a <= b are
-    computed and mirrored). archs: any of "vanilla", "gap", "fc" ("fc" runs workers.fc on the host). Returns
+    computed and mirrored). archs: any of "vanilla", "gap", "fc" ("fc" runs cntk_gram.workers.fc on the host). Returns
     {"{kind}-{arch}": float32 (max_depth-1, n, m)} host arrays, depth d at index d-2.
     """
     x, y = check_pair(x, y)
