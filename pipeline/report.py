@@ -10,38 +10,37 @@ import json
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-# The paper's published test accuracies (%), for comparison only; never produced by this code.
-# Source: Arora, Du, Hu, Li, Salakhutdinov, Wang, "On Exact Computation with an Infinitely Wide Neural
-# Net", NeurIPS 2019 (arXiv 1904.11955). Only values we could confirm are filled in; None prints "n/a".
-PAPER_SOURCE = "Arora et al., NeurIPS 2019 (arXiv 1904.11955)"
-PAPER_REFERENCE: dict[str, dict[tuple[str, int], float | None]] = {
-    # Table 1, full CIFAR-10 (50,000 train / 10,000 test), CNTK-V and CNTK-GAP.
-    "table1": {
-        ("ntk-vanilla", 3): None, ("ntk-vanilla", 4): None, ("ntk-vanilla", 6): 66.03,
-        ("ntk-vanilla", 11): None, ("ntk-vanilla", 21): None,
-        ("ntk-gap", 3): None, ("ntk-gap", 4): None, ("ntk-gap", 6): None,
-        ("ntk-gap", 11): None, ("ntk-gap", 21): None,
-    },
-    # Table 1 columns with 2,000 training images.
-    "table1-2000": {(key, d): None for key in ("ntk-vanilla", "ntk-gap") for d in (3, 4, 6, 11, 21)},
-    # Table 2, CIFAR-2 (the first two classes), exact-kernel columns.
-    "table2-cifar2": {(key, d): None for key in ("ntk-vanilla", "ntk-gap") for d in (3, 4, 6, 11, 21)},
-}
+from cntk_gram.pipeline.paper import SOURCE, PaperColumn, Protocol, matching_columns
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 HEADER = ("kernel", "depth", "acc λ=0 (%)", "λ*", "val acc (%)", "acc λ* (%)", "paper (%)")
+
+Columns = dict[str, PaperColumn]   # kernel key -> the paper column that applies to it (pipeline.paper)
+
+
+def paper_value(columns: Columns | None, kernel: str, depth: int) -> float | None:
+    column = (columns or {}).get(kernel)
+    return None if column is None else column.accuracy.get(depth)
+
+
+def header(columns: Columns | None) -> tuple[str, ...]:
+    """HEADER, with the paper column named after the paper's column when exactly one applies."""
+    labels = sorted({column.label for column in (columns or {}).values()})
+    return HEADER if len(labels) != 1 else (*HEADER[:-1], f"paper {labels[0]} (%)")
 
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def table_cells(rows: list[dict], reference: dict | None = None) -> list[tuple[str, ...]]:
-    """One tuple of strings per row, in HEADER order."""
+def table_cells(rows: list[dict], columns: Columns | None = None) -> list[tuple[str, ...]]:
+    """One tuple of strings per row, in HEADER order; the paper cell is n/a where no column applies."""
     cells = []
     for row in rows:
-        paper_value = (reference or {}).get((row["kernel"], row["depth"]))
-        paper = "n/a" if paper_value is None else f"{paper_value:.2f}"
+        value = paper_value(columns, row["kernel"], row["depth"])
+        paper = "n/a" if value is None else f"{value:.2f}"
         if "error" in row:
             cells.append((row["kernel"], str(row["depth"]), "incomplete", "", "", "", paper))
             continue
@@ -59,15 +58,15 @@ def table_cells(rows: list[dict], reference: dict | None = None) -> list[tuple[s
     return cells
 
 
-def format_table(rows: list[dict], reference: dict | None = None) -> str:
+def format_table(rows: list[dict], columns: Columns | None = None) -> str:
     """Fixed-width text table for the terminal."""
-    lines = [HEADER, *table_cells(rows, reference)]
+    lines = [header(columns), *table_cells(rows, columns)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def markdown_table(rows: list[dict], reference: dict | None = None) -> str:
-    lines = [HEADER, tuple("---" for _ in HEADER), *table_cells(rows, reference)]
+def markdown_table(rows: list[dict], columns: Columns | None = None) -> str:
+    lines = [header(columns), tuple("---" for _ in HEADER), *table_cells(rows, columns)]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
@@ -87,12 +86,9 @@ def best_row(rows: list[dict]) -> tuple[dict | None, str]:
     return None, ""
 
 
-def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, reference: dict | None = None) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, columns: Columns | None = None) -> Path:
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
     for i, key in enumerate(sorted({r["kernel"] for r in rows})):
         color = f"C{i}"
         mine = sorted((r for r in rows if r["kernel"] == key and "error" not in r), key=lambda r: r["depth"])
@@ -101,9 +97,10 @@ def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, referenc
                    if r.get(setting, {}).get("accuracy") is not None]
             if pts:
                 ax.plot(*zip(*pts), style, color=color, label=f"{key} {label}")
-        ref = [(d, v) for (k, d), v in (reference or {}).items() if k == key and v is not None]
-        if ref:
-            ax.plot(*zip(*sorted(ref)), "x", color=color, markersize=10, label=f"{key} paper")
+        column = (columns or {}).get(key)
+        if column is not None:
+            ax.plot(*zip(*sorted(column.accuracy.items())), "x", color=color, markersize=10,
+                    label=f"{key} paper ({column.label})")
     depths = sorted({r["depth"] for r in rows})
     if depths:
         ax.set_xticks(depths)
@@ -114,20 +111,16 @@ def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, referenc
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_confusion(counts: np.ndarray, path: Path, *, title: str) -> Path:
     """counts: (C, C) int, rows = true class."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = np.asarray(counts)
     n = counts.shape[0]
     names = CIFAR10_CLASSES[:n] if n <= 10 else [str(i) for i in range(n)]
-    fig, ax = plt.subplots(figsize=(6, 5.4))
+    fig = Figure(figsize=(6, 5.4))
+    ax = fig.add_subplot()
     ax.imshow(counts, cmap="Blues")
     for i in range(n):
         for j in range(n):
@@ -140,28 +133,42 @@ def plot_confusion(counts: np.ndarray, path: Path, *, title: str) -> Path:
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
-def write_report(rows: list[dict], *, out_dir, title: str, reference_name: str | None = None,
+def paper_summary(protocol: Protocol | None, columns: Columns) -> dict:
+    """What the report says about the paper column: the protocol and each matching column's values."""
+    return {"source": SOURCE, "protocol": None if protocol is None else protocol.describe(),
+            "columns": [{"kernel": kernel, "table": c.table, "column": c.column, "n_train": c.n_train,
+                         "n_test": c.n_test, "classes": c.classes, "accuracy_percent": c.accuracy}
+                        for kernel, c in sorted(columns.items())]}
+
+
+def paper_note(protocol: Protocol | None, columns: Columns) -> str:
+    """One line under the table naming the paper column(s), or why every paper cell is n/a."""
+    if columns:
+        used = "; ".join(f"{kernel}: {c.label}" for kernel, c in sorted(columns.items()))
+        return (f"Paper column: {SOURCE}, measured under the same protocol ({protocol.describe()}): {used}. "
+                f"n/a: the paper has no value for that kernel under this protocol.")
+    where = "" if protocol is None else f" ({protocol.describe()})"
+    return f"Paper column: n/a everywhere: no published value was measured under this protocol{where}."
+
+
+def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | None = None,
                  extra: dict | None = None) -> dict[str, Path]:
-    """Write results.json, results.md, accuracy_vs_depth.png, confusion_best.png into out_dir."""
+    """Write results.json, results.md, accuracy_vs_depth.png, confusion_best.png into out_dir.
+
+    protocol: how the store's images were chosen; the paper's values are printed only for the columns
+    measured under exactly this protocol (None: no paper column)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reference = PAPER_REFERENCE.get(reference_name) if reference_name else None
+    columns = matching_columns(protocol)
     best, chosen_by = best_row(rows)
     paths = {"json": out / "results.json", "markdown": out / "results.md",
              "accuracy_plot": plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png", title=title,
-                                                     reference=reference)}
-    summary = {"title": title, "rows": rows, **(extra or {})}
-    if reference is not None:
-        summary["paper_reference"] = {"table": reference_name, "source": PAPER_SOURCE,
-                                      "values_percent": [{"kernel": k, "depth": d, "accuracy": v}
-                                                         for (k, d), v in reference.items()]}
-    lines = [f"# {title}", "", markdown_table(rows, reference), ""]
-    if reference is not None:
-        lines += [f"Paper column: {PAPER_SOURCE}, {reference_name}; n/a = not recorded here.", ""]
+                                                     columns=columns)}
+    summary = {"title": title, "rows": rows, "paper_reference": paper_summary(protocol, columns), **(extra or {})}
+    lines = [f"# {title}", "", markdown_table(rows, columns), "", paper_note(protocol, columns), ""]
     lines += ["λ=0 is the paper's setting; λ* = λ·mean(diag K) ridge chosen on a validation split of the "
               "training images (test labels never used for the choice).", ""]
     if best is not None:

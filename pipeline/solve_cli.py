@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.pipeline.report import PAPER_REFERENCE, format_table, write_report
+from cntk_gram.pipeline.paper import Protocol, matching_columns
+from cntk_gram.pipeline.report import format_table, write_report
 from cntk_gram.pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
 
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -60,10 +61,19 @@ def solve_options(fn):
                      help="Host memory the CPU factorisation may use; larger problems go out of core."),
         click.option("--scratch", type=click.Path(file_okay=False), default=None,
                      help="Directory for out-of-core factor panels [default: beside the store]."),
-        click.option("--reference", type=click.Choice(["none", *PAPER_REFERENCE]), default=None,
-                     help="Paper table to print beside ours [paper: from the config name]."),
+        click.option("--reference", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+                     help="auto: print the paper's value where its protocol matches the store's "
+                          "(training-set size, test set, classes); none: no paper column."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), fn)
+
+
+def store_protocol(store: str | Path) -> Protocol:
+    """How the store's images were chosen, from its attributes (decides which paper columns apply)."""
+    from cntk_gram.pipeline.store import layout, store_attrs
+
+    info = layout(store)
+    return Protocol.from_config(store_attrs(store)["config"], n_train=info["n_train"], n_test=info["n_test"])
 
 
 def default_out(store: str | Path) -> Path:
@@ -89,14 +99,14 @@ def run_solve(store, *, out, kernels, depths, lambdas, val_fraction, seed, no_va
         raise UserError(str(exc)) from None
     except PermissionError as exc:
         raise UserError(f"permission denied: {exc.filename or exc}") from None
-    ref_name = None if reference in (None, "none") else reference
-    click.echo(format_table(rows, PAPER_REFERENCE.get(ref_name)))
+    protocol = store_protocol(store) if reference == "auto" else None
+    click.echo(format_table(rows, matching_columns(protocol)))
     for row in rows:
         for where in (row, row.get("paper", {}), row.get("validated", {})):
             if "error" in where:
                 click.echo(f"note: {row['kernel']} depth {row['depth']}: {where['error']}", err=True)
     paths = write_report(rows, out_dir=Path(out) if out else default_out(store),
-                         title=title or f"Kernel regression on {store.name}", reference_name=ref_name,
+                         title=title or f"Kernel regression on {store.name}", protocol=protocol,
                          extra=extra)
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
@@ -122,14 +132,11 @@ def paper(config, scheduler, scheduler_file, **options):
     """Reproduce a paper table from CONFIG such as configs/paper/table1.yaml: kernel, solve, report.
 
     Runs `cntk run CONFIG`, then `cntk solve` on its store, and prints our accuracies next to the
-    paper's (the table is picked from the config file name unless --reference is given)."""
+    paper's wherever the paper measured under the same protocol."""
     from cntk_gram.pipeline import schedule
     from cntk_gram.pipeline.config import load_config
 
     run_config = load_config(config)
     summary = schedule.run(run_config, scheduler=scheduler, scheduler_file=scheduler_file, progress=True)
-    if options["reference"] is None:
-        stem = Path(config).stem
-        options["reference"] = stem if stem in PAPER_REFERENCE else "none"
     run_solve(run_config.store, title=f"{Path(config).name}: ours vs the paper",
               extra={"config": str(config), "kernel_run": summary}, **options)

@@ -1,0 +1,89 @@
+"""The paper's published accuracies, each with the protocol it was measured under.
+
+A paper value is printed beside ours only where our run follows the same protocol: the same training-set
+size drawn the same way (the first N images of the training split, after class filtering), the same test
+set and the same classes. Everywhere else the report prints n/a, never a number measured on other data.
+
+Source: Arora, Du, Hu, Li, Salakhutdinov, Wang, "On Exact Computation with an Infinitely Wide Neural Net",
+NeurIPS 2019 (arXiv 1904.11955), Table 1 and Table 2 (Appendix B). Kernel regression with no ridge (λ = 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+SOURCE = "Arora et al., NeurIPS 2019 (arXiv 1904.11955)"
+CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
+CIFAR2 = (0, 1)                      # airplane, automobile: the paper's CIFAR-2
+CIFAR2_TRAIN, CIFAR2_TEST = 10_000, 2_000
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperColumn:
+    """One column of a paper table: test accuracy (%) by depth for one kernel under one protocol."""
+    table: str                         # "Table 1"
+    column: str                        # the paper's column header, e.g. "CNTK-V-2K"
+    kernel: str                        # our kernel key, e.g. "ntk-vanilla"
+    n_train: int                       # the first n_train training images (after class filtering)
+    n_test: int                        # the whole test split (after class filtering)
+    classes: tuple[int, ...] | None    # None: all ten classes
+    accuracy: dict[int, float]         # depth -> test accuracy in percent
+
+    @property
+    def label(self) -> str:
+        return f"{self.table} {self.column}"
+
+
+def _depths(*values: float) -> dict[int, float]:
+    return dict(zip((3, 4, 6, 11, 21), values))
+
+
+COLUMNS: tuple[PaperColumn, ...] = (
+    PaperColumn("Table 1", "CNTK-V", "ntk-vanilla", CIFAR10_TRAIN, CIFAR10_TEST, None,
+                _depths(64.47, 65.52, 66.03, 65.90, 64.09)),
+    PaperColumn("Table 1", "CNTK-V-2K", "ntk-vanilla", 2_000, CIFAR10_TEST, None,
+                _depths(40.94, 42.54, 43.43, 43.42, 42.53)),
+    PaperColumn("Table 1", "CNTK-GAP", "ntk-gap", CIFAR10_TRAIN, CIFAR10_TEST, None,
+                _depths(70.47, 75.93, 76.73, 77.43, 77.08)),
+    PaperColumn("Table 1", "CNTK-GAP-2K", "ntk-gap", 2_000, CIFAR10_TEST, None,
+                _depths(49.71, 51.06, 51.73, 51.92, 52.22)),
+    PaperColumn("Table 2", "CNTK-V", "ntk-vanilla", CIFAR2_TRAIN, CIFAR2_TEST, CIFAR2,
+                _depths(92.15, 92.80, 93.10, 93.05, 91.95)),
+    PaperColumn("Table 2", "CNTK-GAP", "ntk-gap", CIFAR2_TRAIN, CIFAR2_TEST, CIFAR2,
+                _depths(71.05, 94.50, 95.25, 95.40, 95.70)),
+    PaperColumn("Table 2", "RF from CNTK-V", "rf-ntk-vanilla", CIFAR2_TRAIN, CIFAR2_TEST, CIFAR2,
+                _depths(87.25, 87.78, 88.73, 87.80, 85.35)),
+    PaperColumn("Table 2", "RF from CNTK-GAP", "rf-ntk-gap", CIFAR2_TRAIN, CIFAR2_TEST, CIFAR2,
+                _depths(51.10, 52.85, 53.98, 56.55, 90.65)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a store's images were chosen: what decides whether a paper column applies."""
+    n_train: int
+    n_test: int
+    classes: tuple[int, ...] | None = None
+    first_images: bool = True          # False when explicit index lists chose the images
+
+    @classmethod
+    def from_config(cls, config: dict, *, n_train: int, n_test: int) -> "Protocol":
+        """From a store's `config` attribute (a RunConfig as a dict) and its image counts."""
+        data = config.get("data", {})
+        classes = data.get("classes")
+        explicit = data.get("train_index") is not None or data.get("test_index") is not None
+        return cls(n_train=n_train, n_test=n_test, classes=tuple(sorted(classes)) if classes else None,
+                   first_images=not explicit)
+
+    def describe(self) -> str:
+        classes = "all classes" if self.classes is None else f"classes {list(self.classes)}"
+        chosen = "first images of each split" if self.first_images else "explicit image indices"
+        return f"{self.n_train:,} train / {self.n_test:,} test, {classes}, {chosen}"
+
+
+def matching_columns(protocol: Protocol | None) -> dict[str, PaperColumn]:
+    """Kernel key -> the paper column measured under exactly this protocol (none for other protocols)."""
+    if protocol is None or not protocol.first_images:
+        return {}
+    return {column.kernel: column for column in COLUMNS
+            if (column.n_train, column.n_test, column.classes)
+            == (protocol.n_train, protocol.n_test, protocol.classes)}
