@@ -182,22 +182,42 @@ def count_sass(*, sm: str = "sm_90") -> dict | None:
     return counts
 
 
-def accuracy(*, max_depth: int = 21, seed: int = 1) -> dict:
-    """Max relative error of cntk_gram.workers.gpu.tile_kernels vs the float64 reference (cntk_gram.workers.reference) on a 2 x 2 tile
-    (one pair an image with itself) and a 2-image diagonal tile, every depth 2..max_depth, both archs and kinds."""
+def sass_summary(*, sm: str = "sm_90") -> dict | None:
+    """count_sass rounded as the launcher rounds it, beside INSTR_PER_ENTRY_LAYER; `agrees` is False when the SASS
+    and the launcher's numbers differ by more than half an instruction. None when nvcc or cuobjdump is missing."""
+    counts = count_sass(sm=sm)
+    if counts is None:
+        return None
+    out = {}
+    for arch, c in counts.items():
+        out[arch] = {"sass_per_entry_layer": round(c["per_entry_layer"], 2),
+                     "launcher_per_entry_layer": gpu.INSTR_PER_ENTRY_LAYER[arch],
+                     "sass_fp32_pipe": round(c["fp32_pipe_per_entry_layer"], 2),
+                     "launcher_fp32_pipe": gpu.FP32_INSTR_PER_ENTRY_LAYER[arch],
+                     "agrees": abs(c["per_entry_layer"] - gpu.INSTR_PER_ENTRY_LAYER[arch]) <= 0.5
+                     and abs(c["fp32_pipe_per_entry_layer"] - gpu.FP32_INSTR_PER_ENTRY_LAYER[arch]) <= 0.5}
+    return out
+
+
+def accuracy(*, max_depth: int = 21, seed: int = 1, backend: str = "gpu") -> dict:
+    """Max relative error of a backend's tile_kernels (default the GPU's) vs the float64 reference
+    (cntk_gram.workers.reference) on a 2 x 2 tile (one pair an image with itself) and a 2-image diagonal tile,
+    every depth 2..max_depth, both archs and kinds."""
+    from cntk_gram.workers.backends import get_backend
     from cntk_gram.workers.reference import cntk_reference
+    tile_kernels = get_backend(backend).tile_kernels
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
     y = np.stack([x[0], rng.standard_normal((32, 32, 3)).astype(np.float32)])
     errors = {}
     for name, yy in (("off_diagonal_2x2", y), ("diagonal_2", None)):
-        got = gpu.tile_kernels(x, yy, archs=("vanilla", "gap"), max_depth=max_depth)
+        got = tile_kernels(x, yy, archs=("vanilla", "gap"), max_depth=max_depth)
         want = cntk_reference(x, yy, max_depth=max_depth, archs=("vanilla", "gap"))
         for key in want:
             err = np.abs(got[key] - want[key])   # relative, absolute where the exact value is 0 (GAP NTK, depth 2)
             errors[f"{name}/{key}"] = float(np.max(np.where(want[key] != 0, err / np.abs(want[key] + (want[key] == 0)),
                                                             err)))
-    return {"max_depth": max_depth, "max_rel_error": errors, "tolerance": 1e-5,
+    return {"backend": backend, "max_depth": max_depth, "max_rel_error": errors, "tolerance": 1e-5,
             "passed": all(e <= 1e-5 for e in errors.values())}
 
 
