@@ -347,12 +347,12 @@ def markdown(doc: dict, out: Path) -> str:
 
 
 def run_campaign(c: Campaign, stages: list[str]) -> int:
+    if not c.rehearse:
+        import_cupy()   # NoGPU before anything is written or spent
     commit = git_commit()
     c.out.mkdir(parents=True, exist_ok=True)
     c.work.mkdir(parents=True, exist_ok=True)
     (c.out / "campaign.log").write_text("")
-    if not c.rehearse:
-        import_cupy()   # NoGPU before anything is spent
     for name in STAGES:
         if name not in stages:
             continue
