@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cntk_gram.workers import gpu
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from cntk_gram.workers import gpu  # noqa: E402
 
 FULL_CIFAR_PAIRS = 50000 * 50001 // 2 + 50000 * 10000     # train upper triangle + train x test ~= 1.75e9
 ENTRIES = 32 ** 4

@@ -43,7 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "kernels", "table1-v", "gap-2k", "cifar2")
 TABLE_DEPTHS = (3, 4, 6, 11, 21)
 REHEARSE_DEPTHS = (3, 4)
-CLI = ("-m", "cntk_gram.pipeline.cli")
+# -P: the repository root (the cwd of every command) must not shadow the installed cntk_gram package, whose
+# pipeline/ and workers/ subpackages exist only in the installed layout (pyproject's package-dir mapping)
+PYTHON = (sys.executable, "-P")
+CLI = (*PYTHON, "-m", "cntk_gram.pipeline.cli")
 GRACE_S = 20                    # an interrupted `cntk run` gets this long to finish its in-flight tile records
 SOLVE_RESERVE_S = {True: 30, False: 60}   # seconds kept for the solve after a kernel run (rehearse, real)
 
@@ -117,7 +120,7 @@ def run_logged(c: Campaign, args: list[str], *, deadline_s: float, resumable: bo
 
 
 def cntk(c: Campaign, *args: str, deadline_s: float, resumable: bool = False) -> str:
-    return run_logged(c, [sys.executable, *CLI, *args], deadline_s=deadline_s, resumable=resumable)
+    return run_logged(c, [*CLI, *args], deadline_s=deadline_s, resumable=resumable)
 
 
 # ------------------------------------------------------------------ stages
@@ -145,7 +148,7 @@ def stage_env(c: Campaign) -> dict:
 
 
 def stage_tests(c: Campaign) -> dict:
-    args = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+    args = [*PYTHON, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
             "tests/test_gpu.py"]
     output = run_logged(c, args, deadline_s=c.left())
     summary = [line for line in output.splitlines() if " passed" in line or " skipped" in line or "failed" in line]
@@ -160,7 +163,7 @@ def stage_kernels(c: Campaign) -> dict:
     if c.rehearse:
         return {"sass_count": bench_gpu.sass_summary(), "accuracy": bench_gpu.accuracy(max_depth=3, backend="cpu")}
     out = c.out / "kernels.json"
-    run_logged(c, [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--min-seconds", "0.3",
+    run_logged(c, [*PYTHON, str(REPO / "benchmarks" / "bench_gpu.py"), "--min-seconds", "0.3",
                    "--out", str(out)], deadline_s=c.left())
     report = json.loads(out.read_text())
     for row in report["results"]:
