@@ -12,6 +12,7 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import platform
 import re
 import shutil
@@ -152,20 +153,36 @@ def baseline_pairs_per_s(cupy, module, base, *, arch: str, layers: int, min_seco
             "final_depth_values": final, "wall_seconds": time.perf_counter() - start}
 
 
+def find_tool(name: str) -> str | None:
+    """A CUDA tool on PATH, else from NVIDIA's pip wheels (nvidia-cuda-cuobjdump puts nvidia/cu13/bin/cuobjdump)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else None) or ():
+        for candidate in sorted(Path(root).glob(f"*/bin/{name}")):
+            return str(candidate)
+    return None
+
+
 def count_sass(*, sm: str = "sm_90") -> dict | None:
     """Instructions per entry-layer counted from the SASS of each tile kernel's layer loop (the backward branch whose
     body holds the most MUFU), divided by its 32 unrolled rows. None when nvcc or cuobjdump is missing."""
-    if not (shutil.which("nvcc") and shutil.which("cuobjdump")):
+    cuobjdump = find_tool("cuobjdump")
+    if not (shutil.which("nvcc") and cuobjdump):
         return None
     fp32_ops = ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL")
     counts = {}
+    # cuobjdump runs nvdisasm for -sass: the one beside it (pip wheels) when none is on PATH
+    env = {**os.environ, "PATH": f"{Path(cuobjdump).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "tile.cubin"
         subprocess.run(["nvcc", *gpu.compile_options(), f"-arch={sm}", "--cubin", "-o", str(cubin),
                         str(gpu.KERNEL_SOURCE)], check=True)
         for arch, name in gpu.KERNEL_NAMES.items():
-            sass = subprocess.run(["cuobjdump", "-sass", "-fun", name, str(cubin)], check=True, text=True,
-                                  capture_output=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", "-fun", name, str(cubin)], check=True, text=True,
+                                  capture_output=True, env=env).stdout
             rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;(.*)", sass)
             addrs = [int(r[0], 16) for r in rows]
             ops = [r[2] for r in rows]
@@ -199,6 +216,20 @@ def sass_summary(*, sm: str = "sm_90") -> dict | None:
     return out
 
 
+def check_sass() -> int:
+    """Print the SASS count beside the launcher's numbers; 0 when they agree, 1 when not, 3 when tools are missing."""
+    summary = sass_summary()
+    if summary is None:
+        print("check-sass: nvcc or cuobjdump (with nvdisasm) not found; pip install nvidia-cuda-cuobjdump "
+              "nvidia-cuda-nvdisasm")
+        return 3
+    for arch, s in summary.items():
+        print(f"check-sass: {'ok  ' if s['agrees'] else 'FAIL'} {arch}: SASS {s['sass_per_entry_layer']} "
+              f"instructions per entry-layer ({s['sass_fp32_pipe']} FP32 pipe), launcher uses "
+              f"{s['launcher_per_entry_layer']} ({s['launcher_fp32_pipe']})")
+    return 0 if all(s["agrees"] for s in summary.values()) else 1
+
+
 def accuracy(*, max_depth: int = 21, seed: int = 1, backend: str = "gpu") -> dict:
     """Max relative error of a backend's tile_kernels (default the GPU's) vs the float64 reference
     (cntk_gram.workers.reference) on a 2 x 2 tile (one pair an image with itself) and a 2-image diagonal tile,
@@ -228,7 +259,12 @@ def main(argv=None):
     parser.add_argument("--min-seconds", type=float, default=0.5, help="shortest timed launch (s)")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the float64-reference check (~1 min)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--check-sass", action="store_true",
+                        help="no GPU needed: count the SASS (nvcc + cuobjdump) and exit 1 unless it agrees with "
+                             "INSTR_PER_ENTRY_LAYER in cntk_gram.workers.gpu")
     args = parser.parse_args(argv)
+    if args.check_sass:
+        return check_sass()
     depths = [int(d) for d in args.depths.split(",")]
     archs = args.archs.split(",")
     bad = [a for a in archs if a not in gpu.KERNEL_NAMES] + [d for d in depths if not 2 <= d <= gpu.MAX_LAYERS + 1]
@@ -291,4 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

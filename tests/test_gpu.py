@@ -41,16 +41,51 @@ def _assert_close(got, want, what):
 def test_cuda_sources_compile_for_sm80_and_sm90():
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: CUDA compile check not possible here")
-    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True)
+    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True,
+                         env=_tool_env())
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 2 * len(list((REPO / "workers").glob("*.cu")))
+    for source in (REPO / "workers").glob("*.cu"):
+        for arch in ("sm_80", "sm_90"):
+            assert f"ok   {source.name} {arch}" in run.stdout
+    for kernel in gpu.KERNEL_NAMES.values():
+        assert f"ok   {kernel} sm_90 no spills" in run.stdout
+    assert "FAIL" not in run.stdout
+
+
+def _tool_env():
+    """Environment whose PYTHON is this interpreter (check_cuda.sh imports cntk_gram.workers.gpu with it)."""
+    import os
+    import sys
+    return {**os.environ, "PYTHON": sys.executable,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_spill_guard_fails_when_registers_are_capped():
+    """32 registers per thread (MIN_BLOCKS_PER_SM=8 at 256 threads) force spills: check_cuda.sh must say so."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA compile check not possible here")
+    env = {**_tool_env(), "CHECK_CUDA_EXTRA": "-DMIN_BLOCKS_PER_SM=8"}
+    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    assert "FAIL cntk_gap_tile sm_90 uses local memory" in run.stdout
+
+
+def test_sass_guard_fails_when_the_launcher_count_is_off(monkeypatch):
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu
+    if bench_gpu.sass_summary() is None:
+        pytest.skip("nvcc or cuobjdump/nvdisasm missing: SASS count not possible here")
+    assert bench_gpu.check_sass() == 0
+    monkeypatch.setitem(gpu.INSTR_PER_ENTRY_LAYER, "vanilla", gpu.INSTR_PER_ENTRY_LAYER["vanilla"] + 2)
+    assert bench_gpu.check_sass() == 1
 
 
 def test_compile_options_match_source_defaults():
     source = gpu.KERNEL_SOURCE.read_text()
     defaults = dict(re.findall(r"#define (\w+) (\d+)\n#endif", source))
     assert {k: int(v) for k, v in defaults.items()} == dict(gpu.DEFAULT_OPTIONS)
-    assert gpu.compile_options()[0] == "-std=c++17"
+    assert gpu.compile_options()[:2] == ("-std=c++17", "-ftz=true")
     assert "-DMAX_LAYERS=32" in gpu.compile_options()
 
 
