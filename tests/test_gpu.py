@@ -451,3 +451,43 @@ def test_gpu_plugin_selects_device_and_warms_module():
     assert gpu.load_module.cache_info().currsize >= 1
     with pytest.raises(ValueError, match="memory_fraction"):
         GPUSetup(memory_fraction=1.5)
+
+
+def _reference_pair(args):
+    x, y, max_depth = args
+    return cntk_pair(x, y, max_depth=max_depth)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_depth_21_many_pairs_both_archs(rng):
+    """8 x 8 = 64 pairs (two of them an image with itself) at every depth 2..21, both archs, NTK and NNGP, vs the
+    float64 reference (run in parallel on the host: ~3 s per pair)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    x, y = _images(rng, 8), _images(rng, 8)
+    y[3], y[5] = x[3], x[6]
+    got = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=21)
+    jobs = [(x[a], y[b], 21) for a in range(8) for b in range(8)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        refs = list(pool.map(_reference_pair, jobs))
+    for key in got:
+        want = np.stack([r[key] for r in refs], axis=1).reshape(20, 8, 8)
+        _assert_close(got[key], want, f"{key} depth 2..21, 64 pairs")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tile_through_local_cuda_cluster(rng):
+    """One tile through a real dask_cuda.LocalCUDACluster worker with the GPUSetup plugin, vs the reference."""
+    dask_cuda = pytest.importorskip("dask_cuda")
+    from distributed import Client
+    from cntk_gram.workers.gpu_plugin import GPUSetup
+    x, y = _images(rng, 3), _images(rng, 2)
+    with dask_cuda.LocalCUDACluster(n_workers=1, threads_per_worker=1, CUDA_VISIBLE_DEVICES="0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(GPUSetup())
+        got = client.submit(gpu.tile_kernels, x, y, archs=("vanilla", "gap"), max_depth=4).result()
+    want = cntk_reference(x, y, max_depth=4, archs=("vanilla", "gap"))
+    for key in want:
+        _assert_close(got[key], want[key], f"{key} via LocalCUDACluster")
