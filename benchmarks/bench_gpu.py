@@ -12,6 +12,7 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import platform
 import re
 import shutil
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cntk_gram.workers import gpu
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from cntk_gram.workers import gpu  # noqa: E402
 
 FULL_CIFAR_PAIRS = 50000 * 50001 // 2 + 50000 * 10000     # train upper triangle + train x test ~= 1.75e9
 ENTRIES = 32 ** 4
@@ -152,20 +153,36 @@ def baseline_pairs_per_s(cupy, module, base, *, arch: str, layers: int, min_seco
             "final_depth_values": final, "wall_seconds": time.perf_counter() - start}
 
 
+def find_tool(name: str) -> str | None:
+    """A CUDA tool on PATH, else from NVIDIA's pip wheels (nvidia-cuda-cuobjdump puts nvidia/cu13/bin/cuobjdump)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else None) or ():
+        for candidate in sorted(Path(root).glob(f"*/bin/{name}")):
+            return str(candidate)
+    return None
+
+
 def count_sass(*, sm: str = "sm_90") -> dict | None:
     """Instructions per entry-layer counted from the SASS of each tile kernel's layer loop (the backward branch whose
     body holds the most MUFU), divided by its 32 unrolled rows. None when nvcc or cuobjdump is missing."""
-    if not (shutil.which("nvcc") and shutil.which("cuobjdump")):
+    cuobjdump = find_tool("cuobjdump")
+    if not (shutil.which("nvcc") and cuobjdump):
         return None
     fp32_ops = ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL")
     counts = {}
+    # cuobjdump runs nvdisasm for -sass: the one beside it (pip wheels) when none is on PATH
+    env = {**os.environ, "PATH": f"{Path(cuobjdump).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "tile.cubin"
         subprocess.run(["nvcc", *gpu.compile_options(), f"-arch={sm}", "--cubin", "-o", str(cubin),
                         str(gpu.KERNEL_SOURCE)], check=True)
         for arch, name in gpu.KERNEL_NAMES.items():
-            sass = subprocess.run(["cuobjdump", "-sass", "-fun", name, str(cubin)], check=True, text=True,
-                                  capture_output=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", "-fun", name, str(cubin)], check=True, text=True,
+                                  capture_output=True, env=env).stdout
             rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;(.*)", sass)
             addrs = [int(r[0], 16) for r in rows]
             ops = [r[2] for r in rows]
@@ -182,22 +199,56 @@ def count_sass(*, sm: str = "sm_90") -> dict | None:
     return counts
 
 
-def accuracy(*, max_depth: int = 21, seed: int = 1) -> dict:
-    """Max relative error of cntk_gram.workers.gpu.tile_kernels vs the float64 reference (cntk_gram.workers.reference) on a 2 x 2 tile
-    (one pair an image with itself) and a 2-image diagonal tile, every depth 2..max_depth, both archs and kinds."""
+def sass_summary(*, sm: str = "sm_90") -> dict | None:
+    """count_sass rounded as the launcher rounds it, beside INSTR_PER_ENTRY_LAYER; `agrees` is False when the SASS
+    and the launcher's numbers differ by more than half an instruction. None when nvcc or cuobjdump is missing."""
+    counts = count_sass(sm=sm)
+    if counts is None:
+        return None
+    out = {}
+    for arch, c in counts.items():
+        out[arch] = {"sass_per_entry_layer": round(c["per_entry_layer"], 2),
+                     "launcher_per_entry_layer": gpu.INSTR_PER_ENTRY_LAYER[arch],
+                     "sass_fp32_pipe": round(c["fp32_pipe_per_entry_layer"], 2),
+                     "launcher_fp32_pipe": gpu.FP32_INSTR_PER_ENTRY_LAYER[arch],
+                     "agrees": abs(c["per_entry_layer"] - gpu.INSTR_PER_ENTRY_LAYER[arch]) <= 0.5
+                     and abs(c["fp32_pipe_per_entry_layer"] - gpu.FP32_INSTR_PER_ENTRY_LAYER[arch]) <= 0.5}
+    return out
+
+
+def check_sass() -> int:
+    """Print the SASS count beside the launcher's numbers; 0 when they agree, 1 when not, 3 when tools are missing."""
+    summary = sass_summary()
+    if summary is None:
+        print("check-sass: nvcc or cuobjdump (with nvdisasm) not found; pip install nvidia-cuda-cuobjdump "
+              "nvidia-cuda-nvdisasm")
+        return 3
+    for arch, s in summary.items():
+        print(f"check-sass: {'ok  ' if s['agrees'] else 'FAIL'} {arch}: SASS {s['sass_per_entry_layer']} "
+              f"instructions per entry-layer ({s['sass_fp32_pipe']} FP32 pipe), launcher uses "
+              f"{s['launcher_per_entry_layer']} ({s['launcher_fp32_pipe']})")
+    return 0 if all(s["agrees"] for s in summary.values()) else 1
+
+
+def accuracy(*, max_depth: int = 21, seed: int = 1, backend: str = "gpu") -> dict:
+    """Max relative error of a backend's tile_kernels (default the GPU's) vs the float64 reference
+    (cntk_gram.workers.reference) on a 2 x 2 tile (one pair an image with itself) and a 2-image diagonal tile,
+    every depth 2..max_depth, both archs and kinds."""
+    from cntk_gram.workers.backends import get_backend
     from cntk_gram.workers.reference import cntk_reference
+    tile_kernels = get_backend(backend).tile_kernels
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
     y = np.stack([x[0], rng.standard_normal((32, 32, 3)).astype(np.float32)])
     errors = {}
     for name, yy in (("off_diagonal_2x2", y), ("diagonal_2", None)):
-        got = gpu.tile_kernels(x, yy, archs=("vanilla", "gap"), max_depth=max_depth)
+        got = tile_kernels(x, yy, archs=("vanilla", "gap"), max_depth=max_depth)
         want = cntk_reference(x, yy, max_depth=max_depth, archs=("vanilla", "gap"))
         for key in want:
             err = np.abs(got[key] - want[key])   # relative, absolute where the exact value is 0 (GAP NTK, depth 2)
             errors[f"{name}/{key}"] = float(np.max(np.where(want[key] != 0, err / np.abs(want[key] + (want[key] == 0)),
                                                             err)))
-    return {"max_depth": max_depth, "max_rel_error": errors, "tolerance": 1e-5,
+    return {"backend": backend, "max_depth": max_depth, "max_rel_error": errors, "tolerance": 1e-5,
             "passed": all(e <= 1e-5 for e in errors.values())}
 
 
@@ -208,7 +259,12 @@ def main(argv=None):
     parser.add_argument("--min-seconds", type=float, default=0.5, help="shortest timed launch (s)")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the float64-reference check (~1 min)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--check-sass", action="store_true",
+                        help="no GPU needed: count the SASS (nvcc + cuobjdump) and exit 1 unless it agrees with "
+                             "INSTR_PER_ENTRY_LAYER in cntk_gram.workers.gpu")
     args = parser.parse_args(argv)
+    if args.check_sass:
+        return check_sass()
     depths = [int(d) for d in args.depths.split(",")]
     archs = args.archs.split(",")
     bad = [a for a in archs if a not in gpu.KERNEL_NAMES] + [d for d in depths if not 2 <= d <= gpu.MAX_LAYERS + 1]
@@ -271,4 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,16 +41,51 @@ def _assert_close(got, want, what):
 def test_cuda_sources_compile_for_sm80_and_sm90():
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: CUDA compile check not possible here")
-    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True)
+    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True,
+                         env=_tool_env())
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 2 * len(list((REPO / "workers").glob("*.cu")))
+    for source in (REPO / "workers").glob("*.cu"):
+        for arch in ("sm_80", "sm_90"):
+            assert f"ok   {source.name} {arch}" in run.stdout
+    for kernel in gpu.KERNEL_NAMES.values():
+        assert f"ok   {kernel} sm_90 no spills" in run.stdout
+    assert "FAIL" not in run.stdout
+
+
+def _tool_env():
+    """Environment whose PYTHON is this interpreter (check_cuda.sh imports cntk_gram.workers.gpu with it)."""
+    import os
+    import sys
+    return {**os.environ, "PYTHON": sys.executable,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_spill_guard_fails_when_registers_are_capped():
+    """32 registers per thread (MIN_BLOCKS_PER_SM=8 at 256 threads) force spills: check_cuda.sh must say so."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA compile check not possible here")
+    env = {**_tool_env(), "CHECK_CUDA_EXTRA": "-DMIN_BLOCKS_PER_SM=8"}
+    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    assert "FAIL cntk_gap_tile sm_90 uses local memory" in run.stdout
+
+
+def test_sass_guard_fails_when_the_launcher_count_is_off(monkeypatch):
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu
+    if bench_gpu.sass_summary() is None:
+        pytest.skip("nvcc or cuobjdump/nvdisasm missing: SASS count not possible here")
+    assert bench_gpu.check_sass() == 0
+    monkeypatch.setitem(gpu.INSTR_PER_ENTRY_LAYER, "vanilla", gpu.INSTR_PER_ENTRY_LAYER["vanilla"] + 2)
+    assert bench_gpu.check_sass() == 1
 
 
 def test_compile_options_match_source_defaults():
     source = gpu.KERNEL_SOURCE.read_text()
     defaults = dict(re.findall(r"#define (\w+) (\d+)\n#endif", source))
     assert {k: int(v) for k, v in defaults.items()} == dict(gpu.DEFAULT_OPTIONS)
-    assert gpu.compile_options()[0] == "-std=c++17"
+    assert gpu.compile_options()[:2] == ("-std=c++17", "-ftz=true")
     assert "-DMAX_LAYERS=32" in gpu.compile_options()
 
 
@@ -416,3 +451,43 @@ def test_gpu_plugin_selects_device_and_warms_module():
     assert gpu.load_module.cache_info().currsize >= 1
     with pytest.raises(ValueError, match="memory_fraction"):
         GPUSetup(memory_fraction=1.5)
+
+
+def _reference_pair(args):
+    x, y, max_depth = args
+    return cntk_pair(x, y, max_depth=max_depth)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_depth_21_many_pairs_both_archs(rng):
+    """8 x 8 = 64 pairs (two of them an image with itself) at every depth 2..21, both archs, NTK and NNGP, vs the
+    float64 reference (run in parallel on the host: ~3 s per pair)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    x, y = _images(rng, 8), _images(rng, 8)
+    y[3], y[5] = x[3], x[6]
+    got = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=21)
+    jobs = [(x[a], y[b], 21) for a in range(8) for b in range(8)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        refs = list(pool.map(_reference_pair, jobs))
+    for key in got:
+        want = np.stack([r[key] for r in refs], axis=1).reshape(20, 8, 8)
+        _assert_close(got[key], want, f"{key} depth 2..21, 64 pairs")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tile_through_local_cuda_cluster(rng):
+    """One tile through a real dask_cuda.LocalCUDACluster worker with the GPUSetup plugin, vs the reference."""
+    dask_cuda = pytest.importorskip("dask_cuda")
+    from distributed import Client
+    from cntk_gram.workers.gpu_plugin import GPUSetup
+    x, y = _images(rng, 3), _images(rng, 2)
+    with dask_cuda.LocalCUDACluster(n_workers=1, threads_per_worker=1, CUDA_VISIBLE_DEVICES="0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(GPUSetup())
+        got = client.submit(gpu.tile_kernels, x, y, archs=("vanilla", "gap"), max_depth=4).result()
+    want = cntk_reference(x, y, max_depth=4, archs=("vanilla", "gap"))
+    for key in want:
+        _assert_close(got[key], want[key], f"{key} via LocalCUDACluster")

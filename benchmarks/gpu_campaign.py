@@ -1,0 +1,418 @@
+"""One prepared command for a lent GPU: every measurement the project needs, in order, within a time budget.
+
+    python benchmarks/gpu_campaign.py --out DIR [--budget-s 540] [--stages env,tests,...] [--rehearse]
+                                      [--data-root CIFAR_DIR] [--work WORK_DIR]
+
+Stages, in this order (benchmarks/GPU.md says how a session with a GPU calls it):
+  env       device name, driver, CUDA, CuPy, the nvidia-smi line
+  tests     `pytest -m gpu` (tests/test_gpu.py, one tile through a real dask_cuda.LocalCUDACluster included)
+  kernels   benchmarks/bench_gpu.py: fused GAP and vanilla at depths 3/6/11/21 beside the baseline, % of the
+            instruction ceiling, float64-reference error
+  table1-v  CNTK-V NTK, depths 3/4/6/11/21, all 50,000 + 10,000 images: `cntk run --backend gpu`, then
+            `cntk solve --device gpu`, whose results.md (the paper's column beside ours) is copied into DIR
+  gap-2k    CNTK-GAP NTK, Table 1's 2,000-image column, depths capped to what the budget allows (resumable)
+  cifar2    Table 2's exact columns (CIFAR-2): vanilla at all depths, GAP capped likewise (resumable)
+
+Every stage's record is written to DIR/campaign.json and DIR/campaign.md the moment it ends, so a run cut off
+still returns everything finished. DIR holds at most 8 files: campaign.json, campaign.md, campaign.log,
+kernels.json and one results-<stage>.md per table stage; stores and solver output go to --work.
+
+Budget: a stage whose predicted seconds exceed what is left is `skipped`; a resumable stage (a `cntk run`)
+starts when its smallest useful part fits and is interrupted cleanly before the budget ends (`out-of-time`:
+its store resumes on the next call with the same --work while the machine is warm).
+
+--rehearse: the same sequence on the CPU backend at a tiny size (tens of images, depths 3 and 4), so every
+line except the CUDA calls runs without a GPU (tests/test_gpu_campaign.py runs it). Without --rehearse a
+missing GPU is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("env", "tests", "kernels", "table1-v", "gap-2k", "cifar2")
+TABLE_DEPTHS = (3, 4, 6, 11, 21)
+REHEARSE_DEPTHS = (3, 4)
+# -P: the repository root (the cwd of every command) must not shadow the installed cntk_gram package, whose
+# pipeline/ and workers/ subpackages exist only in the installed layout (pyproject's package-dir mapping)
+PYTHON = (sys.executable, "-P")
+CLI = (*PYTHON, "-m", "cntk_gram.pipeline.cli")
+GRACE_S = 20                    # an interrupted `cntk run` gets this long to finish its in-flight tile records
+SOLVE_RESERVE_S = {True: 30, False: 90}   # seconds kept for the solve after a kernel run (rehearse, real)
+
+# Predicted rates on one H100/H200 (docs/gpu.md, "Campaign stage times"), used until the kernels stage has
+# measured them: GAP at 50% of the issue limit (3.35e13 lane-instructions/s / 50 per entry-layer / 2), and
+# vanilla end to end (host scatter and store writes, not the kernel, set its pace: ~5e6 pairs/s at depth 21).
+GAP_ENTRY_LAYERS_PER_S = 3.3e11
+VANILLA_PAIRS_PER_S_DEPTH21 = 5.0e6
+PREDICT_S = {"env": 5, "tests": 60, "kernels": 150}
+REHEARSE_PREDICT_S = {"env": 2, "tests": 30, "kernels": 30, "run": 30}
+
+
+class NoGPU(RuntimeError):
+    """A real (non-rehearsal) campaign found no usable CUDA device."""
+
+
+class OutOfTime(RuntimeError):
+    """A resumable stage was stopped before the budget ran out; its store resumes on the next call."""
+
+
+@dataclass
+class Campaign:
+    out: Path
+    work: Path
+    budget_s: float
+    rehearse: bool
+    data_root: str | None
+    start: float = field(default_factory=time.monotonic)
+    records: list = field(default_factory=list)
+    device: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)   # measured by `kernels`: {"gap": entry-layers/s, "vanilla": ...}
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def log(self, text: str) -> None:
+        with open(self.out / "campaign.log", "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+
+# ------------------------------------------------------------------ running commands
+
+def run_logged(c: Campaign, args: list[str], *, deadline_s: float, resumable: bool = False) -> str:
+    """Run args (argv list) from the repository root, output appended to campaign.log; return its stdout+stderr.
+
+    At deadline_s seconds from now the command gets SIGINT (a `cntk run` stops between tiles), then SIGKILL
+    after GRACE_S; resumable commands then raise OutOfTime, others RuntimeError. A non-zero exit raises
+    RuntimeError with the last output line.
+    """
+    c.log(f"$ {' '.join(args)}")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=max(deadline_s, 1))
+        stopped = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        stopped = True
+    c.log(output)
+    if stopped:
+        raise (OutOfTime if resumable else RuntimeError)(f"stopped after {deadline_s:.0f} s (budget)")
+    if proc.returncode != 0:
+        last = [line for line in output.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"exit {proc.returncode}: {last[0][:300]}")
+    return output
+
+
+def cntk(c: Campaign, *args: str, deadline_s: float, resumable: bool = False) -> str:
+    return run_logged(c, [*CLI, *args], deadline_s=deadline_s, resumable=resumable)
+
+
+# ------------------------------------------------------------------ stages
+
+def stage_env(c: Campaign) -> dict:
+    info = {"python": sys.version.split()[0], "rehearse": c.rehearse}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        line = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                               "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+        info["nvidia_smi"] = line
+    if c.rehearse:
+        info["device"] = "cpu (rehearsal)"
+        c.device = {"name": "cpu (rehearsal)"}
+        return info
+    cupy = import_cupy()
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    c.device = {"name": name, "compute_capability": f"{props['major']}.{props['minor']}",
+                "sm_count": props["multiProcessorCount"], "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+                "driver_version": cupy.cuda.runtime.driverGetVersion(),
+                "cuda_runtime_version": cupy.cuda.runtime.runtimeGetVersion(), "cupy_version": cupy.__version__}
+    info.update(c.device)
+    return info
+
+
+def stage_tests(c: Campaign) -> dict:
+    args = [*PYTHON, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+            "tests/test_gpu.py"]
+    output = run_logged(c, args, deadline_s=c.left())
+    summary = [line for line in output.splitlines() if " passed" in line or " skipped" in line or "failed" in line]
+    return {"command": "pytest -m gpu -q -rs tests/test_gpu.py", "summary": summary[-1] if summary else ""}
+
+
+def stage_kernels(c: Campaign) -> dict:
+    """bench_gpu.py on the GPU (JSON copied into DIR/kernels.json); in rehearsal, the parts that need no GPU:
+    the SASS count against the launcher's numbers and the accuracy check through the CPU backend."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu
+    if c.rehearse:
+        return {"sass_count": bench_gpu.sass_summary(), "accuracy": bench_gpu.accuracy(max_depth=3, backend="cpu")}
+    out = c.out / "kernels.json"
+    run_logged(c, [*PYTHON, str(REPO / "benchmarks" / "bench_gpu.py"), "--min-seconds", "0.3",
+                   "--out", str(out)], deadline_s=c.left())
+    report = json.loads(out.read_text())
+    for row in report["results"]:
+        if row["depth"] == 21:
+            c.rates[row["arch"]] = row["fused_pairs_per_s"]
+    return {"rows": [{k: row[k] for k in ("arch", "depth", "fused_pairs_per_s", "baseline_pairs_per_s", "ratio",
+                                          "fused_fraction_of_fp32_limit", "baseline_vs_fused_max_rel_diff")}
+                     for row in report["results"]],
+            "accuracy_passed": (report.get("accuracy") or {}).get("passed"),
+            "projection_cntk_v_s": (report.get("projection_cntk_v_all_depths_to_21") or {}).get("kernel_seconds")}
+
+
+@dataclass(frozen=True)
+class TableRun:
+    """One `cntk run` + `cntk solve` of a paper config; sizes (train, test) None = the config's."""
+    name: str
+    config: str
+    arch: str
+    reference: str
+    train: int | None
+    test: int | None
+
+
+def table_runs(stage: str, rehearse: bool) -> list[TableRun]:
+    # rehearsal: tens of images for vanilla, fewer for GAP (~1000x the work per pair on the CPU)
+    tiny = dict(train=20, test=10) if rehearse else dict(train=None, test=None)
+    tiny_gap = dict(train=8, test=4) if rehearse else tiny
+    return {
+        "table1-v": [TableRun("table1-v", "configs/paper/table1.yaml", "vanilla", "table1", **tiny)],
+        "gap-2k": [TableRun("gap-2k", "configs/paper/table1-2000.yaml", "gap", "table1-2000", **tiny_gap)],
+        "cifar2": [TableRun("cifar2-v", "configs/paper/table2-cifar2.yaml", "vanilla", "table2-cifar2", **tiny),
+                   TableRun("cifar2-gap", "configs/paper/table2-cifar2.yaml", "gap", "table2-cifar2", **tiny_gap)],
+    }[stage]
+
+
+PAPER_SIZES = {"configs/paper/table1.yaml": (50000, 10000), "configs/paper/table1-2000.yaml": (2000, 10000),
+               "configs/paper/table2-cifar2.yaml": (10000, 2000)}
+
+
+def pairs_of(run: TableRun) -> int:
+    train, test = PAPER_SIZES[run.config]
+    train, test = run.train or train, run.test or test
+    return train * (train + 1) // 2 + train * test
+
+
+def predict_run_s(c: Campaign, run: TableRun, depth: int) -> float:
+    """Predicted seconds of the kernel run of `run` up to `depth` (one pass yields every smaller depth)."""
+    if c.rehearse:
+        return REHEARSE_PREDICT_S["run"]
+    layers = depth - 1
+    if run.arch == "gap":
+        rate = c.rates.get("gap", GAP_ENTRY_LAYERS_PER_S / (2**20 * 20)) * 20   # pair-layers/s
+    else:
+        # the kernel stage's rate is kernel-only; end to end is capped by the host side
+        rate = min(c.rates.get("vanilla", VANILLA_PAIRS_PER_S_DEPTH21), VANILLA_PAIRS_PER_S_DEPTH21) * 20
+    return 15 + pairs_of(run) * layers / rate
+
+
+def depths_that_fit(c: Campaign, run: TableRun, seconds: float) -> list[int]:
+    """The paper depths whose single pass fits in `seconds` (all of them below the largest that fits)."""
+    depths = REHEARSE_DEPTHS if c.rehearse else TABLE_DEPTHS
+    fits = [d for d in depths if predict_run_s(c, run, d) <= seconds]
+    return [d for d in depths if fits and d <= max(fits)]
+
+
+def stage_table(c: Campaign, stage: str) -> dict:
+    results = {}
+    for run in table_runs(stage, c.rehearse):
+        reserve = SOLVE_RESERVE_S[c.rehearse]
+        depths = depths_that_fit(c, run, c.left() - reserve - GRACE_S)
+        if not depths:
+            results[run.name] = {"status": "skipped", "why": f"depth 3 needs ~{predict_run_s(c, run, 3):.0f} s, "
+                                                             f"{c.left():.0f} s left"}
+            continue
+        store = c.work / f"{run.name}.zarr"
+        args = ["run", run.config, "--backend", "cpu" if c.rehearse else "gpu", "--store", str(store),
+                "--archs", run.arch, "--kinds", "ntk", "--depths", ",".join(map(str, depths)), "--no-progress"]
+        if run.train:
+            args += ["--train", str(run.train), "--test", str(run.test), "--tile-size", str(run.train // 2)]
+        if c.data_root:
+            args += ["--data-root", c.data_root]
+        record = {"depths": depths, "capped": depths[-1] < TABLE_DEPTHS[-1] and not c.rehearse,
+                  "pairs": pairs_of(run), "predicted_s": round(predict_run_s(c, run, depths[-1]))}
+        results[run.name] = record
+        t0 = time.monotonic()
+        try:
+            cntk(c, *args, deadline_s=c.left() - reserve - GRACE_S, resumable=True)
+        except OutOfTime:
+            record["kernel_s"] = round(time.monotonic() - t0, 1)
+            record["store_status"] = cntk(c, "status", str(store), deadline_s=30).strip().splitlines()[0]
+            raise
+        record["kernel_s"] = round(time.monotonic() - t0, 1)
+        report = c.work / f"{run.name}-report"
+        t0 = time.monotonic()
+        cntk(c, "solve", str(store), "--device", "cpu" if c.rehearse else "gpu", "--out", str(report),
+             "--kernel", f"ntk-{run.arch}", "--reference", run.reference, "--no-validation",
+             deadline_s=c.left())
+        record["solve_s"] = round(time.monotonic() - t0, 1)
+        shutil.copyfile(report / "results.md", c.out / f"results-{run.name}.md")
+        record["results"] = f"results-{run.name}.md"
+    return results
+
+
+RUNNERS = {"env": stage_env, "tests": stage_tests, "kernels": stage_kernels,
+           "table1-v": lambda c: stage_table(c, "table1-v"), "gap-2k": lambda c: stage_table(c, "gap-2k"),
+           "cifar2": lambda c: stage_table(c, "cifar2")}
+RESUMABLE = {"table1-v", "gap-2k", "cifar2"}
+
+
+def predict_stage_s(c: Campaign, stage: str) -> float:
+    """Seconds a stage needs to be started: the whole stage, or for a resumable one its smallest useful part."""
+    if stage in RESUMABLE:
+        first = table_runs(stage, c.rehearse)[0]
+        return predict_run_s(c, first, 3) + SOLVE_RESERVE_S[c.rehearse] + GRACE_S
+    return (REHEARSE_PREDICT_S if c.rehearse else PREDICT_S)[stage]
+
+
+# ------------------------------------------------------------------ records
+
+def import_cupy():
+    """CuPy with at least one CUDA device, else NoGPU (one line saying what is missing)."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise NoGPU(f"CuPy is not importable ({exc})") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:   # no driver, no device node
+        raise NoGPU(f"no CUDA device usable ({type(exc).__name__}: {exc})") from None
+    if count < 1:
+        raise NoGPU("CuPy sees zero CUDA devices")
+    return cupy
+
+
+def git_commit() -> str:
+    run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return (run.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
+def write_records(c: Campaign, commit: str) -> None:
+    doc = {"campaign": "gpu", "rehearse": c.rehearse, "device": c.device, "git_commit": commit,
+           "budget_s": c.budget_s, "elapsed_s": round(c.budget_s - c.left(), 1),
+           "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "stages": c.records}
+    tmp = c.out / "campaign.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    tmp.replace(c.out / "campaign.json")
+    tmp = c.out / "campaign.md.tmp"
+    tmp.write_text(markdown(doc, c.out))
+    tmp.replace(c.out / "campaign.md")
+
+
+def markdown(doc: dict, out: Path) -> str:
+    """campaign.md: the stage table, the kernel table and the copied results.md tables."""
+    lines = [f"# GPU campaign{' (rehearsal on the CPU)' if doc['rehearse'] else ''}", "",
+             f"Device: {doc['device'].get('name', 'unknown')}; commit {doc['git_commit']}; "
+             f"{doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget; {doc['date_utc']}.", "",
+             "| stage | status | seconds | predicted s | note |", "|---|---|---|---|---|"]
+    for r in doc["stages"]:
+        note = r.get("why") or ""
+        lines.append(f"| {r['name']} | {r['status']} | {r['seconds']:.1f} | {r['predicted_s']:.0f} | {note} |")
+    kernels = next((r for r in doc["stages"] if r["name"] == "kernels" and r["status"] == "done"), None)
+    if kernels and kernels["result"].get("rows"):
+        lines += ["", "## Tile kernels (bench_gpu.py)", "",
+                  "| arch | depth | fused pairs/s | baseline pairs/s | ratio | % of issue limit | max rel diff |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in kernels["result"]["rows"]:
+            lines.append(f"| {row['arch']} | {row['depth']} | {row['fused_pairs_per_s']:,.0f} | "
+                         f"{row['baseline_pairs_per_s']:,.1f} | {row['ratio']:,.0f} | "
+                         f"{100 * row['fused_fraction_of_fp32_limit']:.0f} | "
+                         f"{row['baseline_vs_fused_max_rel_diff']:.1e} |")
+    for r in doc["stages"]:
+        if r["name"] in RESUMABLE and isinstance(r.get("result"), dict):
+            for name, run in r["result"].items():
+                if not isinstance(run, dict):
+                    continue
+                lines += ["", f"## {name}", "", f"Depths {run.get('depths')}"
+                          f"{' (capped by the budget)' if run.get('capped') else ''}; {run.get('pairs', 0):,} pairs; "
+                          f"kernel {run.get('kernel_s', '-')} s, solve {run.get('solve_s', '-')} s."]
+                if run.get("results") and (out / run["results"]).exists():
+                    lines += ["", (out / run["results"]).read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+def run_campaign(c: Campaign, stages: list[str]) -> int:
+    if not c.rehearse:
+        import_cupy()   # NoGPU before anything is written or spent
+    commit = git_commit()
+    c.out.mkdir(parents=True, exist_ok=True)
+    c.work.mkdir(parents=True, exist_ok=True)
+    (c.out / "campaign.log").write_text("")
+    for name in STAGES:
+        if name not in stages:
+            continue
+        need = predict_stage_s(c, name)
+        record = {"name": name, "status": "skipped", "seconds": 0.0, "predicted_s": round(need), "result": None}
+        c.records.append(record)
+        if need > c.left():
+            record["why"] = f"needs ~{need:.0f} s, {max(c.left(), 0):.0f} s left"
+        else:
+            t0 = time.monotonic()
+            try:
+                record["result"] = RUNNERS[name](c)
+                record["status"] = "done"
+            except OutOfTime as exc:
+                record["status"], record["why"] = "out-of-time", str(exc)
+            except NoGPU:
+                raise
+            except Exception as exc:   # one stage failing must not lose the others
+                record["status"], record["why"] = "failed", f"{type(exc).__name__}: {exc}"[:400]
+            record["seconds"] = round(time.monotonic() - t0, 1)
+            if name in RESUMABLE and record["status"] != "done":
+                record.setdefault("result", None)
+        print(f"gpu_campaign: {name:9s} {record['status']:11s} {record['seconds']:7.1f} s  "
+              f"{record.get('why', '')}", flush=True)
+        write_records(c, commit)
+    return 0 if all(r["status"] == "done" for r in c.records) else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for campaign.json/.md and results")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for all stages (default 540)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}")
+    parser.add_argument("--rehearse", action="store_true", help="CPU backend, tiny sizes: no GPU needed")
+    parser.add_argument("--data-root", default=os.environ.get("CNTK_CIFAR_ROOT"),
+                        help="folder holding cifar-10-batches-py/ (default $CNTK_CIFAR_ROOT)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="stores and solver output (default runs/gpu-campaign, resumable between calls)")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        print(f"gpu_campaign: unknown stage(s) {unknown or '(none given)'}; allowed: {', '.join(STAGES)}",
+              file=sys.stderr)
+        return 2
+    if args.budget_s <= 0:
+        print(f"gpu_campaign: --budget-s must be > 0 seconds, got {args.budget_s}", file=sys.stderr)
+        return 2
+    work = args.work or REPO / "runs" / ("gpu-campaign-rehearsal" if args.rehearse else "gpu-campaign")
+    c = Campaign(out=args.out, work=work, budget_s=args.budget_s, rehearse=args.rehearse, data_root=args.data_root)
+    try:
+        return run_campaign(c, stages)
+    except NoGPU as exc:
+        print(f"gpu_campaign: no GPU for a real run: {exc}; use --rehearse to run on the CPU", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
