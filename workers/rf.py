@@ -75,11 +75,13 @@ def resolve_device(device: str) -> str:
 def image_bytes(*, arch: str, depth: int, width: int, channels: int, image_shape: tuple[int, int]) -> tuple[int, int]:
     """(gradient bytes held per image, transient backward-pass bytes per image), float32. The transient estimate
     counts the conv inputs, pre-activations, deltas and autograd's saved tensors of all L layers, plus one
-    layer's 3x3 patches."""
+    layer's 3x3 patches (twice)."""
     flops = rf_net.flop_counts(arch=arch, depth=depth, width=width, channels=channels, image_shape=image_shape)
     pq, n_conv = int(np.prod(image_shape)), depth - 1
     held = 4 * (flops["trained_parameters"] + (width * pq if arch == "vanilla" else width))
-    transient = 4 * pq * ((4 * n_conv + 1) * width + 9 * max(width, channels))
+    # measured on CPU (peak RSS): relu, the scaling and autograd each keep a copy per layer, and bmm copies the
+    # transposed patches
+    transient = 4 * pq * ((6 * n_conv + 2) * width + 18 * max(width, channels))
     return held, transient
 
 
@@ -113,9 +115,16 @@ def gradient_passes(n: int, m: int, plan: MemoryPlan, diagonal: bool) -> int:
 def _gradients(params, images, arch, chunk):
     """Per-sample gradients of images (B, C, P, Q) in backward passes of `chunk`: (list of (B, numel), features)."""
     torch = rf_net.import_torch()
-    parts = [rf_net.per_sample_gradients(params, images[i:i + chunk], arch) for i in range(0, len(images), chunk)]
-    grads = [torch.cat([p[0][t] for p in parts]) for t in range(len(parts[0][0]))]
-    return grads, torch.cat([p[1] for p in parts])
+    grads = features = None
+    for i in range(0, len(images), chunk):
+        part, feats = rf_net.per_sample_gradients(params, images[i:i + chunk], arch)
+        if grads is None:  # filled in place: concatenating would hold every gradient twice
+            grads = [torch.empty((len(images), g.shape[1]), dtype=g.dtype, device=g.device) for g in part]
+            features = torch.empty((len(images), feats.shape[1]), dtype=feats.dtype, device=feats.device)
+        for buf, g in zip(grads, part):
+            buf[i:i + len(g)] = g
+        features[i:i + len(feats)] = feats
+    return grads, features
 
 
 def _accumulate(out, rows, cols, a, b):
