@@ -134,7 +134,8 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
     # an existing cluster's workers may have GPUs this client lacks: there 'auto' is resolved on a worker
     backend = config.backend if external else resolve_here(config.backend)
     prep = prepare_run(config, verify=verify)
-    pairs_todo = sum(tile_pairs(bounds_of(layout(config.store)), tile) for tile in prep.todo)
+    bounds = bounds_of(layout(config.store))
+    pairs_todo = sum(tile_pairs(bounds, tile) for tile in prep.todo)
     if prep.todo:
         with open_client(**target, cluster=config.cluster, backend=backend) as client:
             backend = _ready_backend(client, backend)
