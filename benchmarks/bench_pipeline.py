@@ -3,7 +3,7 @@ CIFAR-10 images (train x train upper triangle + train x test = 6,001,000 pairs),
 
     python benchmarks/bench_pipeline.py --cifar-root DIR [--train 2000 --test 2000 --tile 500]
 
-Target (issue [1/5]): <= 3 minutes wall on a 2-core machine. Writes benchmarks/results/pipeline-cpu.json.
+Target: <= 3 minutes wall on a 2-core machine. Writes benchmarks/results/pipeline-cpu.json.
 """
 import argparse
 import os

@@ -91,7 +91,7 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
 
 
 def main() -> None:
-    from cntk_gram.pipeline.solve_cli import parse_bytes
+    from cntk_gram.pipeline.cli import parse_bytes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="n_train (repeatable) [10000, 20000]")

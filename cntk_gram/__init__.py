@@ -34,9 +34,9 @@ if not (Path(__file__).parent / "workers").is_dir() and (_checkout / "workers" /
 _EXPORTS = {
     "load_config": ("cntk_gram.pipeline.config", "load_config"),
     "build_config": ("cntk_gram.pipeline.config", "build_config"),
-    "run": ("cntk_gram.pipeline.schedule", "run"),
-    "submit": ("cntk_gram.pipeline.cluster", "submit"),
-    "cancel": ("cntk_gram.pipeline.cluster", "cancel"),
+    "run": ("cntk_gram.pipeline.run", "run"),
+    "submit": ("cntk_gram.pipeline.run", "submit"),
+    "cancel": ("cntk_gram.pipeline.run", "cancel"),
     "open_gram": ("cntk_gram.pipeline.store", "open_gram"),
     "solve_store": ("cntk_gram.pipeline.solve", "solve_store"),
     "write_report": ("cntk_gram.pipeline.report", "write_report"),

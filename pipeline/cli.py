@@ -1,18 +1,64 @@
-"""`cntk` command line: thin click wrappers over cntk_gram.pipeline.schedule / cntk_gram.pipeline.inspect."""
+"""`cntk` command line: every command, as thin click wrappers over the library modules.
+
+Library code raises UserError, or OSError for files; _Command turns either into one `Error: ...` line and
+exit status 2, for every command. `verify` exits 1 when it finds damage.
+"""
 from __future__ import annotations
 
+import functools
+import re
 import time
 from pathlib import Path
 
 import click
 
 from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
 
 
-@click.group()
+# --- errors at the edge ---------------------------------------------------------------------------
+
+def error_line(exc: UserError | OSError) -> str:
+    """The one line shown for an error the user can cause and fix."""
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    return str(exc)
+
+
+class _Failure(click.ClickException):
+    exit_code = 2
+
+
+class _Command(click.Command):
+    """A command that ends a UserError or OSError with error_line and exit status 2, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (UserError, OSError) as exc:
+            raise _Failure(error_line(exc)) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="cntk-gram")
 def main():
     """Exact convolutional neural tangent kernels on CIFAR-10, as a tiled, resumable Gram matrix."""
+
+
+# --- option parsing -------------------------------------------------------------------------------
+
+def scheduler_options(fn):
+    """--scheduler and --scheduler-file: an existing Dask cluster (default: the config's cluster)."""
+    fn = click.option("--scheduler-file", default=None, metavar="FILE",
+                      help="Scheduler file of a running Dask cluster (`dask scheduler --scheduler-file`).")(fn)
+    return click.option("--scheduler", default=None, metavar="ADDRESS",
+                        help="Address of a running Dask scheduler, e.g. tcp://host:8786.")(fn)
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -28,6 +74,34 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
 
 
+UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB' / '500MB' / '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS:
+        raise UserError(f"--memory-budget: cannot read {text!r}; use a number with a unit, e.g. 12GiB or 800MiB")
+    value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if value < 2**20:
+        raise UserError(f"--memory-budget: {text!r} is below 1 MiB; give at least 1MiB (e.g. 12GiB)")
+    return value
+
+
+def parse_lambdas(text: str) -> tuple[float, ...]:
+    """'0,1e-4,1e-2' -> (0.0, 1e-4, 1e-2); every value >= 0."""
+    try:
+        values = tuple(sorted({float(x) for x in str(text).split(",") if x.strip()}))
+    except ValueError:
+        raise UserError(f"--lambdas: cannot read {text!r}; give comma-separated numbers >= 0, "
+                        f"e.g. 0,1e-4,1e-2") from None
+    if not values or min(values) < 0 or not all(v == v and v != float("inf") for v in values):
+        raise UserError(f"--lambdas: need at least one finite value >= 0, got {text!r}")
+    return values
+
+
+# --- computing the Gram matrix --------------------------------------------------------------------
+
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--store", help="Store path (overrides `store`).")
@@ -39,8 +113,7 @@ def _names(text: str | None) -> list[str] | None:
 @click.option("--kinds", help="Comma-separated: ntk,nngp (overrides kernel.kinds).")
 @click.option("--depths", help="Comma-separated depths, e.g. 3,4,6,11,21 (overrides kernel.depths).")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), help="Kernel backend.")
-@click.option("--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
-@click.option("--scheduler-file", help="Scheduler file of an existing Dask cluster.")
+@scheduler_options
 @click.option("--workers", type=int, help="Worker processes of the embedded local cluster.")
 @click.option("--threads", type=int, help="Numba threads per local worker (default: cores / workers).")
 @click.option("--max-in-flight", type=int, help="Tile tasks submitted at once.")
@@ -52,7 +125,7 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
         scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
     from cntk_gram.pipeline.config import load_config
-    from cntk_gram.pipeline.schedule import run as run_config
+    from cntk_gram.pipeline.run import run as run_config
 
     overrides = {
         "store": store, "data.root": data_root, "data.train": train, "data.test": test,
@@ -61,8 +134,7 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
         "cluster.scheduler_file": scheduler_file, "cluster.workers": workers, "cluster.threads": threads,
         "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,
     }
-    config = _guard(load_config, config_file, overrides)
-    s = _guard(run_config, config, progress=progress, verify=not trust_records)
+    s = run_config(load_config(config_file, overrides), progress=progress, verify=not trust_records)
     click.echo(f"store     {s['store']}\n"
                f"kernels   {', '.join(s['kernels'])} at depths {', '.join(map(str, s['depths']))} "
                f"(backend {s['backend']})\n"
@@ -72,13 +144,46 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
                f"pairs     {s['pairs_computed']:,} computed in {s['wall_seconds']:.1f} s wall")
 
 
+@main.command("submit")
+@click.argument("config_path", metavar="CONFIG")
+@scheduler_options
+@click.option("--store", default=None, help="Store path (overrides the config's store).")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default=None,
+              help="Tile backend on the workers (overrides the config).")
+def submit(config_path, scheduler, scheduler_file, store, backend):
+    """Queue CONFIG's missing tiles on a running cluster and return; follow with `cntk status STORE`."""
+    from cntk_gram.pipeline.config import load_config
+    from cntk_gram.pipeline.run import submit as submit_config
+
+    config = load_config(config_path, {"store": store, "backend": backend})
+    summary = submit_config(config, scheduler=scheduler, scheduler_file=scheduler_file)
+    click.echo(f"submitted {summary['tiles_submitted']} of {summary['tiles_total']} tiles "
+               f"({summary['tiles_done_before']} already done, {summary['tiles_damaged']} damaged) "
+               f"to {summary['scheduler']}, backend {summary['backend']}")
+    click.echo(f"follow with: cntk status {summary['store']}")
+
+
+@main.command("cancel")
+@click.argument("store_path", metavar="STORE")
+@scheduler_options
+def cancel(store_path, scheduler, scheduler_file):
+    """Stop STORE's outstanding tiles: queued tasks are dropped, running tiles finish."""
+    from cntk_gram.pipeline.run import cancel as cancel_store
+
+    summary = cancel_store(store_path, scheduler=scheduler, scheduler_file=scheduler_file)
+    dropped = "" if summary["tasks_cancelled"] is None else f"; {summary['tasks_cancelled']} queued tasks dropped"
+    click.echo(f"cancel flag set in {summary['store']}{dropped}; `cntk submit` clears it")
+
+
+# --- looking into a store -------------------------------------------------------------------------
+
 @main.command()
 @click.argument("store", type=click.Path())
 def status(store):
     """Done / total tiles per kernel array, throughput and ETA."""
     from cntk_gram.pipeline.inspect import format_seconds, status as store_status
 
-    s = _guard(store_status, store)
+    s = store_status(store)
     click.echo(f"tiles {s['tiles_done']}/{s['tiles_total']}, pairs {s['pairs_done']:,}/{s['pairs_total']:,}")
     for name, (done, total) in s["per_array"].items():
         click.echo(f"  {name:28s} {done}/{total}")
@@ -102,10 +207,10 @@ def inspect(store, tile, kernel, depth, out):
     from cntk_gram.pipeline.inspect import coverage_png, summary, tile_report
 
     out = Path(out)
-    _guard(out.mkdir, parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if tile:
-        report = _guard(tile_report, store, tuple(tile), kernel=kernel, depth=depth,
-                        heatmap=out / f"tile-{tile[0]}-{tile[1]}.png")
+        report = tile_report(store, tuple(tile), kernel=kernel, depth=depth,
+                             heatmap=out / f"tile-{tile[0]}-{tile[1]}.png")
         click.echo(f"tile {tile[0]},{tile[1]}: {'done' if report['record'] else 'not done'}")
         for name, st in report["stats"].items():
             cells = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
@@ -113,13 +218,13 @@ def inspect(store, tile, kernel, depth, out):
             click.echo(f"  {name:28s} {cells}")
         click.echo(f"heatmap {report['heatmap']}")
         return
-    s = _guard(summary, store)
+    s = summary(store)
     click.echo(f"store {store} (cntk-gram {s['version']}, data {s['data_fingerprint'][:12]})\n"
                f"  {s['n_train']} train + {s['n_test']} test rows, tile {s['tile']}, {s['blocks']} blocks, "
                f"test x test {'yes' if s['test_test'] else 'no'}\n"
                f"  kernels {', '.join(s['kernels'])}; depths {', '.join(map(str, s['depths']))}\n"
                f"  tiles done {s['tiles_done']}/{s['tiles_total']}; {s['disk_bytes'] / 2**20:.1f} MiB on disk")
-    click.echo(f"coverage {_guard(coverage_png, store, out / 'coverage.png')}")
+    click.echo(f"coverage {coverage_png(store, out / 'coverage.png')}")
 
 
 @main.command()
@@ -128,7 +233,7 @@ def verify(store):
     """Check checksums, NaNs, diagonal positivity and diagonal-tile symmetry; exit 1 on damage."""
     from cntk_gram.pipeline.inspect import verify as verify_store
 
-    report = _guard(verify_store, store)
+    report = verify_store(store)
     for problem in report["problems"]:
         click.echo(problem)
     click.echo(f"{report['tiles_checked']} tiles checked, {report['tiles_missing']} not computed yet, "
@@ -146,31 +251,84 @@ def export(store, kernel, depth, out):
     """Write the assembled symmetric N x N matrix of one kernel and depth to a .npy file."""
     from cntk_gram.pipeline.inspect import export as export_gram
 
-    click.echo(f"wrote {_guard(export_gram, store, kernel=kernel, depth=depth, out=out)}")
+    click.echo(f"wrote {export_gram(store, kernel=kernel, depth=depth, out=out)}")
 
 
-def _guard(fn, *args, **kwargs):
-    """Call fn, turning expected low-level failures into one-line UserErrors."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError:
-        raise
-    except PermissionError as exc:
-        raise UserError(f"permission denied: {exc.filename or exc}") from None
-    except OSError as exc:
-        raise UserError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+# --- kernel regression and reports ----------------------------------------------------------------
+
+def solve_options(fn):
+    """Options shared by `solve` and `paper`."""
+    options = [
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Report directory [default: <store>-report beside the store]."),
+        click.option("--kernel", "kernels", multiple=True, help="Only this kernel key (repeatable), e.g. ntk-vanilla."),
+        click.option("--depth", "depths", multiple=True, type=int, help="Only this depth (repeatable)."),
+        click.option("--lambdas", default=",".join(f"{x:g}" for x in DEFAULT_LAMBDAS), show_default=True,
+                     help="Ridge grid λ (ridge = λ·mean(diag K)); λ=0 is always reported."),
+        click.option("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, show_default=True,
+                     help="Share of each training class held out to choose λ."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split."),
+        click.option("--no-validation", is_flag=True, help="Only the paper's λ=0, no λ selection."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+                     help="Where to factor: CuPy GPU when available for auto."),
+        click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 2**30}GiB", show_default=True,
+                     help="Host memory the CPU factorisation may use; larger problems go out of core."),
+        click.option("--scratch", type=click.Path(file_okay=False), default=None,
+                     help="Directory for out-of-core factor panels [default: beside the store]."),
+        click.option("--reference", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+                     help="auto: print the paper's value where its protocol matches the store's "
+                          "(training-set size, test set, classes); none: no paper column."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), fn)
 
 
-# --- commands of other modules: register them here ----------------------------------------------
-# Each engineer adds one guarded line for their command, e.g.
-#     from cntk_gram.pipeline.solve_cli import solve; main.add_command(solve)
-from cntk_gram.pipeline.cluster import cancel_command, submit_command  # noqa: E402  (issue 5: submit-and-detach)
-main.add_command(submit_command)
-main.add_command(cancel_command)
-from cntk_gram.pipeline.solve_cli import paper, solve  # noqa: E402  (issue 4: solve, scoring, paper tables)
-main.add_command(solve)
-main.add_command(paper)
-# ------------------------------------------------------------------------------------------------
+def _solve_arguments(*, out, kernels, depths, lambdas, val_fraction, seed, no_validation, device, memory_budget,
+                     scratch, reference) -> dict:
+    """solve_options' values -> keyword arguments of experiment.solve_and_report."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction: must lie strictly between 0 and 1, got {val_fraction}")
+    return {"out": out, "kernels": kernels, "depths": depths, "lambdas": parse_lambdas(lambdas),
+            "val_fraction": val_fraction, "seed": seed, "validate": not no_validation, "device": device,
+            "memory_budget": parse_bytes(memory_budget), "scratch_dir": scratch, "reference": reference == "auto",
+            "progress": lambda message: click.echo(message, err=True)}
+
+
+def _show(solved) -> None:
+    """The accuracy table, notes on kernels that could not be solved (stderr), the report files."""
+    from cntk_gram.pipeline.report import format_table
+
+    click.echo(format_table(solved.rows, solved.columns))
+    for row in solved.rows:
+        for where in (row, row.get("paper", {}), row.get("validated", {})):
+            if "error" in where:
+                click.echo(f"note: {row['kernel']} depth {row['depth']}: {where['error']}", err=True)
+    for name, path in solved.paths.items():
+        click.echo(f"{name}: {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@solve_options
+def solve(store, **options):
+    """Kernel regression for every kernel and depth in STORE: accuracies, predictions, report."""
+    from cntk_gram.pipeline.experiment import solve_and_report
+
+    _show(solve_and_report(store, **_solve_arguments(**options)))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@scheduler_options
+@solve_options
+def paper(config, scheduler, scheduler_file, **options):
+    """Reproduce a paper table from CONFIG such as configs/paper/table1.yaml: kernel, solve, report.
+
+    Runs `cntk run CONFIG`, then `cntk solve` on its store, and prints our accuracies next to the
+    paper's wherever the paper measured under the same protocol."""
+    from cntk_gram.pipeline.experiment import reproduce
+
+    arguments = _solve_arguments(**options)
+    _show(reproduce(config, scheduler=scheduler, scheduler_file=scheduler_file, **arguments))
 
 
 if __name__ == "__main__":

@@ -1,133 +1,22 @@
-"""Submit-and-detach: hand a config's missing tiles to a running Dask cluster and return; cancel them.
+"""Dask clusters: connect to a running scheduler or start the embedded local one, set up GPU workers,
+and decide which tile backend the workers use.
 
-`submit` prepares the store exactly as `cntk run` does, then gives every tile that is missing or fails
-its checksums to the cluster as a fire-and-forget task and returns: the work goes on after the client
-exits, and `cntk status STORE` follows it from any machine that sees the store.
-
-Why two clients (or a resubmission) cannot corrupt a store:
-- task keys are `cntk-{store id}-{I}-{J}`: the scheduler merges a second submission of a tile that is
-  still queued or running into the first one;
-- a task that starts after its tile was finished (by anyone) re-checks the record and skips;
-- tiles are deterministic and every chunk and record is published by an atomic rename, so two
-  writers of one tile write the same bytes and a reader never sees a half-written file.
-
-`cancel` writes a flag (`tiles/cancel`, a Zarr group) that every task checks before it starts, and
-cancels the store's queued tasks on the scheduler by key prefix. Running tiles finish normally.
+Every worker of the embedded cluster, CPU or GPU, gets the environment of worker_env: the thread
+counts must be in place before the worker imports numba or a BLAS.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
+import logging
 import os
-import socket
-import time
-import uuid
 from pathlib import Path
 
-import click
-
+from cntk_gram.pipeline.config import ClusterConfig
 from cntk_gram.pipeline.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
-CANCEL_FLAG = "tiles/cancel/zarr.json"
+WORKER_WAIT_S = 60  # how long deciding backend 'auto' waits for a first worker
 
-
-# --- keys and the cancel flag ----------------------------------------------------------------------
-
-def store_id(store_path: str | os.PathLike) -> str:
-    """Short stable id of a store: sha1 of its absolute path (the path workers are given)."""
-    return hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:12]
-
-
-def tile_key(store_path: str | os.PathLike, tile: tuple[int, int]) -> str:
-    """Dask task key of one tile of one store, e.g. 'cntk-1a2b3c4d5e6f-0-3'."""
-    return f"cntk-{store_id(store_path)}-{tile[0]}-{tile[1]}"
-
-
-def cancel_requested(store_path: str | os.PathLike) -> bool:
-    return (Path(store_path) / CANCEL_FLAG).exists()
-
-
-def request_cancel(store_path: str | os.PathLike) -> None:
-    """Atomically write the flag (a Zarr group whose attributes say who asked and when)."""
-    flag = Path(store_path) / CANCEL_FLAG
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    tmp = flag.with_name(f".zarr.json.{uuid.uuid4().hex[:8]}")
-    attrs = {"requested": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
-    tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}))
-    os.replace(tmp, flag)
-
-
-def clear_cancel(store_path: str | os.PathLike) -> None:
-    flag = Path(store_path) / CANCEL_FLAG
-    flag.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        flag.parent.rmdir()
-
-
-# --- files left behind by killed writers -----------------------------------------------------------
-
-STRAY_PATTERNS = ("*.partial", ".zarr.json.*")  # zarr's chunk temp files; temp records (store.write_record)
-
-
-def stray_files(store_path: str | os.PathLike, *, older_than_s: float = 0) -> list[Path]:
-    """Temp files that a killed writer left in the store, oldest first; younger ones may still be in use.
-
-    They never hold data that is read (chunks and records are published by rename), so removing a stray
-    file loses nothing; its tile has no record, or an intact one from another writer.
-    """
-    root = Path(store_path)
-    now = time.time()
-    found = {path for pattern in STRAY_PATTERNS for path in root.rglob(pattern) if path.is_file()}
-    old = [path for path in found if now - _mtime(path) >= older_than_s]
-    return sorted(old, key=_mtime)
-
-
-def remove_stray_files(store_path: str | os.PathLike, *, older_than_s: float = 60) -> int:
-    """Delete stray temp files older than `older_than_s` (a live writer's are seconds old); return the count."""
-    removed = 0
-    for path in stray_files(store_path, older_than_s=older_than_s):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed += 1
-    return removed
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return time.time()
-
-
-# --- what runs on a worker -------------------------------------------------------------------------
-
-def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
-             kinds: tuple[str, ...], depths: tuple[int, ...]) -> dict:
-    """compute_tile unless the store's run was cancelled or the tile is already done and intact.
-
-    A drop-in for compute_tile (same arguments; the same result keys, with 0 pairs when skipped).
-    Returns compute_tile's dict, or {'tile', 'pairs': 0, 'seconds': 0, 'compute_seconds': 0,
-    'skipped': 'cancelled' | 'done'}.
-    """
-    from cntk_gram.pipeline.store import verify_tile
-    from cntk_gram.pipeline.tasks import compute_tile
-
-    skipped = {"tile": (I, J), "pairs": 0, "seconds": 0.0, "compute_seconds": 0.0}
-    if cancel_requested(store_path):
-        return {**skipped, "skipped": "cancelled"}
-    if not verify_tile(store_path, (I, J), deep=False):
-        return {**skipped, "skipped": "done"}
-    return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths)
-
-
-def _keys_with_prefix(dask_scheduler=None, *, prefix: str) -> list[str]:
-    return [key for key in dask_scheduler.tasks if isinstance(key, str) and key.startswith(prefix)]
-
-
-# --- client side -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def connect(*, scheduler: str | None, scheduler_file: str | None, set_as_default: bool = False):
@@ -155,106 +44,87 @@ def connect(*, scheduler: str | None, scheduler_file: str | None, set_as_default
         client.close()
 
 
-def submit(config, *, scheduler: str | None = None, scheduler_file: str | None = None) -> dict:
-    """Prepare config.store, hand every missing or damaged tile to the cluster, return at once.
+@contextlib.contextmanager
+def open_client(*, scheduler: str | None, scheduler_file: str | None, cluster: ClusterConfig, backend: str):
+    """A Client on the given scheduler, else on an embedded local cluster that is shut down on exit.
 
-    Returns {'store', 'backend', 'scheduler', 'tiles_total', 'tiles_done_before', 'tiles_damaged',
-    'tiles_submitted'}.
+    backend: 'cpu' or 'gpu' picks the kind of local workers; unused for an existing cluster.
     """
-    from distributed import fire_and_forget
+    from distributed import Client
 
-    from cntk_gram.pipeline.schedule import prepare_run, register_gpu_plugin
-
-    scheduler = scheduler or config.cluster.scheduler
-    scheduler_file = scheduler_file or config.cluster.scheduler_file
-    store = str(Path(config.store).resolve())
-    config = dataclasses.replace(config, store=store)
-    with connect(scheduler=scheduler, scheduler_file=scheduler_file) as client:
-        prep = prepare_run(config)
-        backend = _cluster_backend(client, config.backend)
-        if backend == "gpu":
-            register_gpu_plugin(client)
-        kernel = config.kernel
-        futures = [client.submit(run_tile, store, tile[0], tile[1], backend=backend, archs=kernel.archs,
-                                 kinds=kernel.kinds, depths=kernel.depths, key=tile_key(store, tile),
-                                 retries=config.cluster.retries, pure=False)
-                   for tile in prep.todo]
-        fire_and_forget(futures)  # closing the client flushes these messages to the scheduler first
-    return {"store": store, "backend": backend, "scheduler": scheduler or scheduler_file,
-            "tiles_total": len(prep.planned), "tiles_done_before": len(prep.done - prep.damaged),
-            "tiles_damaged": len(prep.damaged), "tiles_submitted": len(prep.todo)}
+    if scheduler or scheduler_file:
+        # the execution loop needs a default client (without one Dask raises "No clients found")
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file, set_as_default=True) as client:
+            yield client
+        return
+    local = local_cluster(cluster=cluster, backend=backend)
+    client = Client(local)
+    try:
+        yield client
+    finally:
+        client.close()
+        local.close()
 
 
-def _cluster_backend(client, name: str) -> str:
-    """'auto' is decided by a worker (the submitting machine may have no GPU); needs one worker."""
+def worker_env(cluster: ClusterConfig, *, n_workers: int) -> dict[str, str]:
+    """Environment of a local worker process: numba gets the worker's share of the cores (cluster.threads
+    when given), OpenMP one thread (the tile kernels parallelise with numba)."""
+    threads = cluster.threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    return {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": "1"}
+
+
+def local_cluster(*, cluster: ClusterConfig, backend: str):
+    """Worker processes on this machine with one task slot each, all with worker_env: one per GPU
+    (dask-cuda) for the GPU backend when dask-cuda is installed, else cluster.workers CPU workers."""
+    import dask
+
+    options = {"threads_per_worker": 1, "dashboard_address": ":0", "silence_logs": logging.ERROR}
+    if backend == "gpu":
+        try:
+            from dask_cuda import LocalCUDACluster
+            from dask_cuda.utils import get_n_gpus
+        except ImportError:
+            pass
+        else:
+            env = worker_env(cluster, n_workers=get_n_gpus())
+            # LocalCUDACluster sets each worker's `env` option to its CUDA_VISIBLE_DEVICES alone, so the
+            # thread limits travel in the nanny's pre-spawn environment, which it reads when it is created
+            pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+                return LocalCUDACluster(**options)
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=cluster.workers, processes=True,
+                        env=worker_env(cluster, n_workers=cluster.workers), **options)
+
+
+def register_gpu_plugin(client) -> None:
+    """Per-worker GPU set-up, when the GPU backend ships its plugin."""
+    try:
+        from cntk_gram.workers.gpu_plugin import GPUSetup
+    except ImportError:
+        return
+    client.register_plugin(GPUSetup())
+
+
+def resolve_here(name: str) -> str:
+    """'auto' | 'cpu' | 'gpu' -> the backend usable in this process ('cpu' or 'gpu')."""
+    from cntk_gram.workers.backends import resolve_backend
+
+    try:
+        return resolve_backend(name)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        raise UserError(f"backend {name!r} is not available here: {exc}") from None
+
+
+def resolve_on_cluster(client, name: str) -> str:
+    """'auto' is decided by a worker (the client's machine may have no GPU): waits at most WORKER_WAIT_S
+    for one to join. 'cpu' and 'gpu' are returned as given, so tiles can be queued before workers join."""
     if name != "auto":
         return name
     try:
-        client.wait_for_workers(1, timeout=60)
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
     except TimeoutError:
-        raise UserError("the cluster has no workers (waited 60 s); start workers, or give backend: cpu "
-                        "or backend: gpu so that tiles can be queued before workers join") from None
-    from cntk_gram.pipeline.schedule import _resolve_here
-
-    return client.submit(_resolve_here, name, pure=False).result()
-
-
-def cancel(store_path: str | os.PathLike, *, scheduler: str | None = None,
-           scheduler_file: str | None = None) -> dict:
-    """Flag the store's run as cancelled; with a cluster also drop its queued tasks.
-
-    Returns {'store', 'tasks_cancelled' (None without a cluster)}.
-    """
-    from distributed import Future
-
-    from cntk_gram.pipeline.store import layout
-
-    store = str(Path(store_path).resolve())
-    layout(store)  # UserError when this is not a store
-    request_cancel(store)
-    cancelled = None
-    if scheduler or scheduler_file:
-        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as client:
-            keys = client.run_on_scheduler(_keys_with_prefix, prefix=f"cntk-{store_id(store)}-")
-            futures = [Future(key, client=client) for key in keys]
-            client.cancel(futures, force=True)
-            cancelled = len(keys)
-    return {"store": store, "tasks_cancelled": cancelled}
-
-
-# --- CLI (registered in pipeline/cli.py) -------------------------------------------------------------
-
-scheduler_option = click.option("--scheduler", default=None, metavar="ADDRESS",
-                                help="address of a running Dask scheduler, e.g. tcp://host:8786")
-scheduler_file_option = click.option("--scheduler-file", default=None, metavar="FILE",
-                                     help="scheduler file written by `dask scheduler --scheduler-file`")
-
-
-@click.command("submit")
-@click.argument("config_path", metavar="CONFIG")
-@scheduler_option
-@scheduler_file_option
-@click.option("--store", default=None, help="store path (overrides the config's store)")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default=None,
-              help="tile backend on the workers (overrides the config)")
-def submit_command(config_path, scheduler, scheduler_file, store, backend):
-    """Queue CONFIG's missing tiles on a running cluster and return; follow with `cntk status STORE`."""
-    from cntk_gram.pipeline.config import load_config
-
-    config = load_config(config_path, {"store": store, "backend": backend})
-    summary = submit(config, scheduler=scheduler, scheduler_file=scheduler_file)
-    click.echo(f"submitted {summary['tiles_submitted']} of {summary['tiles_total']} tiles "
-               f"({summary['tiles_done_before']} already done, {summary['tiles_damaged']} damaged) "
-               f"to {summary['scheduler']}, backend {summary['backend']}")
-    click.echo(f"follow with: cntk status {summary['store']}")
-
-
-@click.command("cancel")
-@click.argument("store_path", metavar="STORE")
-@scheduler_option
-@scheduler_file_option
-def cancel_command(store_path, scheduler, scheduler_file):
-    """Stop STORE's outstanding tiles: queued tasks are dropped, running tiles finish."""
-    summary = cancel(store_path, scheduler=scheduler, scheduler_file=scheduler_file)
-    dropped = "" if summary["tasks_cancelled"] is None else f"; {summary['tasks_cancelled']} queued tasks dropped"
-    click.echo(f"cancel flag set in {summary['store']}{dropped}; `cntk submit` clears it")
+        raise UserError(f"the cluster has no workers (waited {WORKER_WAIT_S} s); start workers, or give "
+                        "backend: cpu or backend: gpu so that tiles can be queued before workers join") from None
+    return client.submit(resolve_here, name, pure=False).result()

@@ -1,8 +1,9 @@
-"""User-facing errors: one clear line, non-zero exit, no traceback."""
-import click
+"""The one domain error of the pipeline. The CLI shows it as one `Error: ...` line and exit status 2."""
 
 
-class UserError(click.ClickException):
+class UserError(Exception):
     """Bad input from the user (config, data, store, cluster). Message names what is wrong and what is allowed."""
 
-    exit_code = 2
+    @property
+    def message(self) -> str:
+        return str(self)

@@ -9,8 +9,9 @@ import zarr
 
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.plan import tile_pairs
-from cntk_gram.pipeline.store import (all_records, array_name, bounds_of, open_gram, planned_tiles, read_record,
-                            store_attrs, verify_tile)
+from cntk_gram.pipeline.records import read_record, stray_files
+from cntk_gram.pipeline.store import (all_records, array_name, bounds_of, open_gram, parse_array_name, planned_tiles,
+                                      store_attrs, stored_kernels, verify_tile)
 
 RATE_WINDOW = 50  # recent records used for throughput and ETA
 
@@ -50,8 +51,8 @@ def summary(store_path: str | Path) -> dict:
     return {
         "n_train": info["n_train"], "n_test": info["n_test"], "tile": info["tile"],
         "blocks": len(bounds_of(info)), "test_test": info["test_test"],
-        "kernels": sorted({name.split("/")[1] for name in info["arrays"]}),
-        "depths": sorted({int(name.rsplit("-", 1)[1]) for name in info["arrays"]}),
+        "kernels": sorted({key for key, _ in stored_kernels(info)}),
+        "depths": sorted({depth for _, depth in stored_kernels(info)}),
         "tiles_done": len(all_records(store_path)), "tiles_total": len(planned_tiles(info)),
         "version": attrs["version"], "data_fingerprint": attrs["data_fingerprint"], "disk_bytes": disk,
     }
@@ -59,9 +60,8 @@ def summary(store_path: str | Path) -> dict:
 
 def coverage_png(store_path: str | Path, out: str | Path) -> Path:
     """PNG of the block grid: done tiles, planned-but-missing tiles, tiles never computed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
 
     info = store_attrs(store_path)["layout"]
     n_blocks = len(bounds_of(info))
@@ -70,8 +70,9 @@ def coverage_png(store_path: str | Path, out: str | Path) -> Path:
         grid[tile] = 1
     for tile in all_records(store_path):
         grid[tile] = 2
-    fig, ax = plt.subplots(figsize=(6, 6))
-    cmap = matplotlib.colors.ListedColormap(["#dddddd", "#d62728", "#2ca02c"])
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
+    cmap = ListedColormap(["#dddddd", "#d62728", "#2ca02c"])
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
     n_train_blocks = info["n_train"] // info["tile"]
     ax.axhline(n_train_blocks - 0.5, color="k", lw=0.8)
@@ -81,7 +82,6 @@ def coverage_png(store_path: str | Path, out: str | Path) -> Path:
     ax.set_ylabel("row block I")
     out = Path(out)
     fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return out
 
 
@@ -107,7 +107,7 @@ def tile_report(store_path: str | Path, tile: tuple[int, int], *, heatmap: str |
             "nan": int(np.isnan(block).sum()),
             "diag_min": float(np.diag(block).min()) if tile[0] == tile[1] else None,
         }
-    first_key, first_depth = _key_depth(info["arrays"][0])
+    first_key, first_depth = parse_array_name(info["arrays"][0])
     chosen = array_name(kernel or first_key, depth or first_depth)
     if chosen not in blocks:
         raise UserError(f"store has no {chosen}; arrays: {', '.join(info['arrays'])}")
@@ -118,16 +118,14 @@ def tile_report(store_path: str | Path, tile: tuple[int, int], *, heatmap: str |
 
 
 def _heatmap(block: np.ndarray, *, title: str, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     image = ax.imshow(block, cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax)
     ax.set_title(title)
     fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return out
 
 
@@ -136,7 +134,6 @@ def verify(store_path: str | Path) -> dict:
     diagonal tiles; the stored inputs are checked against the data fingerprint.
 
     Returns {'tiles_checked', 'tiles_missing', 'problems': [str]}; problems empty = no damage."""
-    from cntk_gram.pipeline.cluster import stray_files
     from cntk_gram.pipeline.data import fingerprint_arrays
 
     attrs = store_attrs(store_path)
@@ -172,12 +169,6 @@ def export(store_path: str | Path, *, kernel: str, depth: int, out: str | Path) 
     target.flush()
     del target
     return out
-
-
-def _key_depth(name: str) -> tuple[str, int]:
-    """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11)."""
-    _, key, depth = name.split("/")
-    return key, int(depth.split("-")[1])
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -394,14 +394,6 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, lambdas=DE
 
 # ---------------------------------------------------------------- every kernel and depth of a store
 
-def stored_kernels(store_path) -> list[tuple[str, int]]:
-    """[(key, depth), ...] of the Gram arrays a store plans, sorted."""
-    from cntk_gram.pipeline.store import layout
-
-    names = layout(store_path)["arrays"]            # 'gram/{key}/depth-{D}'
-    return sorted((name.split("/")[1], int(name.rsplit("-", 1)[1])) for name in names)
-
-
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     """(n_classes, n_classes) int64 counts, rows = true class, columns = predicted class."""
     counts = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -420,7 +412,7 @@ def solve_store(store_path, *, kernels=None, depths=None, progress=None, **optio
     import zarr
 
     from cntk_gram.pipeline.errors import UserError
-    from cntk_gram.pipeline.store import open_gram, read_inputs
+    from cntk_gram.pipeline.store import layout, open_gram, read_inputs, stored_kernels
 
     inputs = read_inputs(store_path)
     labels, n_train = np.asarray(inputs["labels"], dtype=np.int64), inputs["n_train"]
@@ -428,7 +420,7 @@ def solve_store(store_path, *, kernels=None, depths=None, progress=None, **optio
         raise UserError(f"store {store_path}: inputs/split must list train rows before test rows")
     if inputs["n_test"] == 0:
         raise UserError(f"store {store_path} has no test images; nothing to score")
-    stored = stored_kernels(store_path)
+    stored = stored_kernels(layout(store_path))
     todo = [(k, d) for k, d in stored if (not kernels or k in kernels) and (not depths or d in depths)]
     unknown = [f"--kernel {k}" for k in kernels or () if k not in {s[0] for s in stored}] + \
               [f"--depth {d}" for d in depths or () if d not in {s[1] for s in stored}]

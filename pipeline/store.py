@@ -6,7 +6,7 @@ Layout (a user-facing contract; see README "Store contract"):
     inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test
     gram/{kind}-{arch}/depth-{D}  float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
                                   only chunks (I, J) with I <= J are written
-    tiles/done/{I}-{J}            completion record: a Zarr group whose attributes hold the record
+    tiles/done/{I}-{J}            completion record (cntk_gram.pipeline.records)
     attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays}
 
 A record is written atomically after every chunk of its tile; it holds the crc32c of each chunk's
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -33,8 +34,7 @@ from cntk_gram.pipeline.config import RunConfig, config_differences, to_dict
 from cntk_gram.pipeline.data import Inputs, fingerprint
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.plan import block_bounds, plan_tiles
-
-RECORDS = "tiles/done"
+from cntk_gram.pipeline.records import RECORDS, read_record, record_complete, write_record
 
 
 def package_version() -> str:
@@ -51,8 +51,21 @@ def package_version() -> str:
 
 
 def array_name(key: str, depth: int) -> str:
-    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'."""
+    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'. The inverse is parse_array_name."""
     return f"gram/{key}/depth-{depth}"
+
+
+def parse_array_name(name: str) -> tuple[str, int]:
+    """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11); ValueError for any other name."""
+    match = re.fullmatch(r"gram/([^/]+)/depth-([0-9]+)", name)
+    if not match:
+        raise ValueError(f"not a Gram array name: {name!r} (expected gram/{{kind}}-{{arch}}/depth-{{D}})")
+    return match.group(1), int(match.group(2))
+
+
+def stored_kernels(info: dict) -> list[tuple[str, int]]:
+    """[(key, depth), ...] of the Gram arrays in a store's layout, sorted."""
+    return sorted(parse_array_name(name) for name in info["arrays"])
 
 
 def planned_arrays(config: RunConfig) -> list[str]:
@@ -170,10 +183,6 @@ def planned_tiles(info: dict) -> list[tuple[int, int]]:
 
 # --- completion records ---------------------------------------------------------------------------
 
-def _record_path(store_path: str | Path, tile: tuple[int, int]) -> Path:
-    return Path(store_path) / RECORDS / f"{tile[0]}-{tile[1]}" / "zarr.json"
-
-
 def write_tile(store_path: str | Path, tile: tuple[int, int], blocks: dict[str, np.ndarray],
                record: dict) -> dict:
     """Write one chunk per array ({'gram/ntk-gap/depth-3': float32 block}), then the completion record
@@ -194,36 +203,14 @@ def write_tile(store_path: str | Path, tile: tuple[int, int], blocks: dict[str, 
     return full
 
 
-def write_record(store_path: str | Path, tile: tuple[int, int], record: dict) -> None:
-    """Atomically publish a tile's completion record (temp file + os.replace)."""
-    target = _record_path(store_path, tile)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".zarr.json.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": record}))
-    os.replace(tmp, target)
-
-
-def read_record(store_path: str | Path, tile: tuple[int, int]) -> dict | None:
-    """The tile's record, or None when it is missing or unreadable."""
-    try:
-        return json.loads(_record_path(store_path, tile).read_text())["attributes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def all_records(store_path: str | Path) -> dict[tuple[int, int], dict]:
     info = layout(store_path)
     records = {}
     for tile in planned_tiles(info):
         record = read_record(store_path, tile)
-        if _record_complete(record, tile, info):
+        if record_complete(record, tile, info["arrays"]):
             records[tile] = record
     return records
-
-
-def _record_complete(record: dict | None, tile: tuple[int, int], info: dict) -> bool:
-    return (record is not None and tuple(record.get("tile", ())) == tile
-            and set(record.get("checksums", {})) == set(info["arrays"]))
 
 
 def tile_status(store_path: str | Path) -> tuple[set[tuple[int, int]], list[tuple[int, int]]]:
@@ -243,7 +230,7 @@ def verify_tile(store_path: str | Path, tile: tuple[int, int], *, record: dict |
     diagonal and symmetry of diagonal tiles."""
     info = layout(store_path)
     record = record if record is not None else read_record(store_path, tile)
-    if not _record_complete(record, tile, info):
+    if not record_complete(record, tile, info["arrays"]):
         return [f"tile {tile}: no complete record"]
     (r0, r1), (c0, c1) = (bounds_of(info)[i] for i in tile)
     group = zarr.open_group(store_path, mode="r")
@@ -287,8 +274,8 @@ def open_gram(store_path: str | Path, key: str, depth: int) -> da.Array:
     info = layout(store_path)
     name = array_name(key, depth)
     if name not in info["arrays"]:
-        kernels = sorted({a.split("/")[1] for a in info["arrays"]})
-        depths = sorted({int(a.rsplit("-", 1)[1]) for a in info["arrays"]})
+        kernels = sorted({key for key, _ in stored_kernels(info)})
+        depths = sorted({depth for _, depth in stored_kernels(info)})
         raise UserError(f"store {store_path} has no {name}; kernels: {', '.join(kernels)}; depths: {depths}")
     bounds = bounds_of(info)
     sizes = tuple(stop - start for start, stop in bounds)

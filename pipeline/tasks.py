@@ -1,4 +1,9 @@
-"""The unit of work: one tile, every requested kernel and depth, run on a Dask worker."""
+"""The unit of work: one tile, every requested kernel and depth, run on a Dask worker.
+
+run_tile is what the client submits: it skips a tile whose run was cancelled or that is already done
+and intact (a second submission, or a task that started after another writer finished the tile), and
+otherwise calls compute_tile.
+"""
 from __future__ import annotations
 
 import socket
@@ -7,7 +12,23 @@ import time
 import zarr
 
 from cntk_gram.pipeline.plan import tile_pairs
-from cntk_gram.pipeline.store import array_name, bounds_of, layout, write_tile
+from cntk_gram.pipeline.records import cancel_requested
+from cntk_gram.pipeline.store import array_name, bounds_of, layout, verify_tile, write_tile
+
+
+def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
+             kinds: tuple[str, ...], depths: tuple[int, ...]) -> dict:
+    """compute_tile unless the store's run was cancelled or the tile is already done and intact.
+
+    Same arguments as compute_tile. Returns compute_tile's dict, or {'tile', 'pairs': 0, 'seconds': 0,
+    'compute_seconds': 0, 'skipped': 'cancelled' | 'done'}.
+    """
+    skipped = {"tile": (I, J), "pairs": 0, "seconds": 0.0, "compute_seconds": 0.0}
+    if cancel_requested(store_path):
+        return {**skipped, "skipped": "cancelled"}
+    if not verify_tile(store_path, (I, J), deep=False):
+        return {**skipped, "skipped": "done"}
+    return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths)
 
 
 def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],

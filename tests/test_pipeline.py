@@ -19,8 +19,9 @@ from cntk_gram.pipeline.cli import main
 from cntk_gram.pipeline.config import build_config
 from cntk_gram.pipeline.data import prepare_inputs
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.pipeline.schedule import run
-from cntk_gram.pipeline.store import all_records, open_gram, prepare_store, read_record, tile_status
+from cntk_gram.pipeline.run import run
+from cntk_gram.pipeline.records import read_record
+from cntk_gram.pipeline.store import all_records, open_gram, prepare_store, tile_status
 from cntk_gram.workers.backends import get_backend
 from cntk_gram.workers.reference import cntk_reference, fc_reference
 

@@ -11,7 +11,7 @@ from cntk_gram.pipeline import paper as paper_tables
 from cntk_gram.pipeline import report
 from cntk_gram.pipeline.config import build_config
 from cntk_gram.pipeline.data import Inputs
-from cntk_gram.pipeline.solve_cli import paper, solve
+from cntk_gram.pipeline.cli import paper, solve
 from cntk_gram.pipeline.store import prepare_store
 from cntk_gram.workers.preprocess import targets
 
@@ -207,7 +207,7 @@ def test_table_names_the_paper_column_and_prints_na_elsewhere():
 
 
 def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
-    """`cntk paper` on 60 real CIFAR-10 images: kernel (cntk_gram.pipeline.schedule.run) -> solve -> report."""
+    """`cntk paper` on 60 real CIFAR-10 images: kernel (cntk_gram.pipeline.run.run) -> solve -> report."""
     import yaml
 
     from cntk_gram.pipeline.store import open_gram

@@ -1,7 +1,7 @@
 """Dask worker plugin for GPU workers: picks the device, caps CuPy's memory pool, compiles the kernels once.
 
 One worker process per GPU (dask-cuda gives each worker its own CUDA_VISIBLE_DEVICES ordering, so device 0 is that
-worker's GPU). Registered by cntk_gram.pipeline.schedule with `client.register_plugin(GPUSetup())`.
+worker's GPU). Registered by cntk_gram.pipeline.cluster.register_gpu_plugin with `client.register_plugin(GPUSetup())`.
 """
 from distributed import WorkerPlugin
 

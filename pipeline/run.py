@@ -1,0 +1,235 @@
+"""Run a config on a Dask cluster: compute its missing tiles and wait (`run`), hand them to a running
+cluster and return (`submit`), or stop them (`cancel`).
+
+`run` uses the embedded local cluster unless a scheduler is given; it keeps at most `max_in_flight`
+tasks submitted, retries failed ones and shows a tqdm bar. `submit` gives every missing tile to the
+cluster as a fire-and-forget task: the work goes on after the client exits, and `cntk status STORE`
+follows it from any machine that sees the store. Both prepare the store with prepare_run, choose the
+scheduler, resolve the backend and submit tiles through the same functions.
+
+Why two clients (or a resubmission) cannot corrupt a store:
+- submitted task keys are `cntk-{store id}-{I}-{J}`: the scheduler merges a second submission of a
+  tile that is still queued or running into the first one;
+- a task that starts after its tile was finished (by anyone) re-checks the record and skips;
+- tiles are deterministic and every chunk and record is published by an atomic rename, so two
+  writers of one tile write the same bytes and a reader never sees a half-written file.
+
+`cancel` sets the store's cancel flag, which every task checks before it starts, and cancels the
+store's queued tasks on the scheduler by key prefix. Running tiles finish normally.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cntk_gram.pipeline.cluster import (connect, open_client, register_gpu_plugin, resolve_here,
+                                        resolve_on_cluster)
+from cntk_gram.pipeline.config import RunConfig
+from cntk_gram.pipeline.data import Inputs, prepare_inputs
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.plan import check_tile_size, tile_pairs
+from cntk_gram.pipeline.records import clear_cancel, remove_stray_files, request_cancel
+from cntk_gram.pipeline.store import bounds_of, check_existing, layout, prepare_store, tile_status, verify_tile
+from cntk_gram.pipeline.tasks import run_tile
+
+
+# --- what a run has to do -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """What a run or submit has to do: the loaded inputs and the tiles planned, done, damaged and to do."""
+    inputs: Inputs
+    planned: list[tuple[int, int]]
+    done: set[tuple[int, int]]
+    damaged: set[tuple[int, int]]
+    todo: list[tuple[int, int]]
+
+
+def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
+    """Check and create the store, clear leftovers of earlier runs, and list the tiles still to compute.
+
+    verify: re-check the chunk checksums of done tiles (damaged ones are redone); False trusts the records."""
+    check_existing(config.store, config)  # refuse a foreign store before the (slow) data load
+    known_train = len(config.data.train_index) if config.data.train_index else config.data.train
+    if known_train is not None:
+        check_tile_size(n_train=known_train, size=config.tiles.size)
+    inputs = prepare_inputs(config.data)
+    check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
+    prepare_store(config.store, config=config, inputs=inputs)
+    remove_stray_files(config.store)  # temp files of writes interrupted long ago
+    clear_cancel(config.store)  # a new run overrides an earlier `cntk cancel`
+    done, planned = tile_status(config.store)
+    damaged = _damaged(config.store, done) if verify else set()
+    todo = [tile for tile in planned if tile not in done or tile in damaged]
+    return PreparedRun(inputs=inputs, planned=planned, done=done, damaged=damaged, todo=todo)
+
+
+def _damaged(store: str, done: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Done tiles whose chunks fail their checksums (read in a thread pool: I/O and crc32c)."""
+    tiles = sorted(done)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = pool.map(lambda tile: verify_tile(store, tile, deep=False), tiles)
+        return {tile for tile, found in zip(tiles, problems) if found}
+
+
+# --- the steps run and submit share ---------------------------------------------------------------
+
+def _scheduler_of(config: RunConfig, scheduler: str | None, scheduler_file: str | None) -> dict:
+    """{'scheduler', 'scheduler_file'}: each given argument, else the config's cluster setting."""
+    return {"scheduler": scheduler or config.cluster.scheduler,
+            "scheduler_file": scheduler_file or config.cluster.scheduler_file}
+
+
+def _with_absolute_store(config: RunConfig) -> RunConfig:
+    """Workers may run elsewhere on a shared filesystem: they get the store's absolute path."""
+    return dataclasses.replace(config, store=str(Path(config.store).resolve()))
+
+
+def _ready_backend(client, backend: str) -> str:
+    """Resolve 'auto' on the cluster (bounded wait for a worker) and set up GPU workers; 'cpu' | 'gpu'."""
+    backend = resolve_on_cluster(client, backend)
+    if backend == "gpu":
+        register_gpu_plugin(client)
+    return backend
+
+
+def _submit_tile(client, config: RunConfig, tile: tuple[int, int], *, backend: str, key: str | None = None):
+    """One run_tile task for `tile` of config.store (absolute path); key None lets Dask name it."""
+    kernel = config.kernel
+    return client.submit(run_tile, config.store, tile[0], tile[1], backend=backend, archs=kernel.archs,
+                         kinds=kernel.kinds, depths=kernel.depths, key=key, retries=config.cluster.retries,
+                         pure=False)
+
+
+def store_id(store_path: str | os.PathLike) -> str:
+    """Short stable id of a store: sha1 of its absolute path (the path workers are given)."""
+    return hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:12]
+
+
+def tile_key(store_path: str | os.PathLike, tile: tuple[int, int]) -> str:
+    """Dask task key of one tile of one store, e.g. 'cntk-1a2b3c4d5e6f-0-3'."""
+    return f"cntk-{store_id(store_path)}-{tile[0]}-{tile[1]}"
+
+
+# --- run: compute and wait ------------------------------------------------------------------------
+
+def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None,
+        progress: bool = True, verify: bool = True) -> dict:
+    """Compute every missing tile of `config` into config.store; return a summary dict:
+    store, backend, kernels, depths, n_train, n_test, tile, tiles_total, tiles_done_before,
+    tiles_damaged, tiles_computed, pairs_computed, wall_seconds.
+
+    verify: re-check the chunk checksums of tiles already done (recomputing damaged ones); False trusts
+    the completion records (faster resume of a very large store)."""
+    started = time.time()
+    target = _scheduler_of(config, scheduler, scheduler_file)
+    external = bool(target["scheduler"] or target["scheduler_file"])
+    # an existing cluster's workers may have GPUs this client lacks: there 'auto' is resolved on a worker
+    backend = config.backend if external else resolve_here(config.backend)
+    prep = prepare_run(config, verify=verify)
+    bounds = bounds_of(layout(config.store))
+    pairs_todo = sum(tile_pairs(bounds, tile) for tile in prep.todo)
+    if prep.todo:
+        with open_client(**target, cluster=config.cluster, backend=backend) as client:
+            backend = _ready_backend(client, backend)
+            _execute(client, prep.todo, config=_with_absolute_store(config), backend=backend,
+                     pairs_todo=pairs_todo, progress=progress)
+    return {
+        "store": str(config.store), "backend": backend, "kernels": list(config.kernel.keys),
+        "depths": list(config.kernel.depths), "n_train": prep.inputs.n_train, "n_test": prep.inputs.n_test,
+        "tile": config.tiles.size, "tiles_total": len(prep.planned),
+        "tiles_done_before": len(prep.done - prep.damaged), "tiles_damaged": len(prep.damaged),
+        "tiles_computed": len(prep.todo), "pairs_computed": pairs_todo, "wall_seconds": time.time() - started,
+    }
+
+
+def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend: str,
+             pairs_todo: int, progress: bool) -> None:
+    """Submit tiles through a bounded window; stop with a UserError when a tile fails after retries."""
+    from distributed import as_completed
+
+    threads = sum(client.nthreads().values())
+    window = config.cluster.max_in_flight or max(2, 2 * threads)
+    queue = collections.deque(todo)
+
+    def submit_next():
+        return _submit_tile(client, config, queue.popleft(), backend=backend)
+
+    pending = as_completed([submit_next() for _ in range(min(window, len(queue)))])
+    bar = tqdm(total=pairs_todo, unit="pair", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    finished = 0
+    try:
+        for future in pending:
+            try:
+                result = future.result()
+            except Exception as exc:
+                if "scheduler-connection-lost" in str(exc) or client.status != "running":
+                    raise UserError("lost the connection to the Dask scheduler; finished tiles are kept, "
+                                    "rerun the same command to resume") from None
+                raise UserError(f"a tile task failed after {config.cluster.retries} retries: "
+                                f"{type(exc).__name__}: {exc}; finished tiles are kept, rerun to resume") from None
+            finished += 1
+            bar.update(result["pairs"])
+            bar.set_postfix_str(f"tiles {finished}/{len(todo)}")
+            if queue:
+                pending.add(submit_next())
+    finally:
+        bar.close()
+        for future in list(pending.futures):
+            future.cancel()
+
+
+# --- submit: hand over and return; cancel ---------------------------------------------------------
+
+def submit(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None) -> dict:
+    """Prepare config.store, hand every missing or damaged tile to the cluster, return at once.
+
+    Returns {'store', 'backend', 'scheduler', 'tiles_total', 'tiles_done_before', 'tiles_damaged',
+    'tiles_submitted'}.
+    """
+    from distributed import fire_and_forget
+
+    target = _scheduler_of(config, scheduler, scheduler_file)
+    config = _with_absolute_store(config)
+    with connect(**target) as client:
+        prep = prepare_run(config)
+        backend = _ready_backend(client, config.backend)
+        futures = [_submit_tile(client, config, tile, backend=backend, key=tile_key(config.store, tile))
+                   for tile in prep.todo]
+        fire_and_forget(futures)  # closing the client flushes these messages to the scheduler first
+    return {"store": config.store, "backend": backend,
+            "scheduler": target["scheduler"] or target["scheduler_file"],
+            "tiles_total": len(prep.planned), "tiles_done_before": len(prep.done - prep.damaged),
+            "tiles_damaged": len(prep.damaged), "tiles_submitted": len(prep.todo)}
+
+
+def cancel(store_path: str | os.PathLike, *, scheduler: str | None = None,
+           scheduler_file: str | None = None) -> dict:
+    """Flag the store's run as cancelled; with a cluster also drop its queued tasks.
+
+    Returns {'store', 'tasks_cancelled' (None without a cluster)}.
+    """
+    from distributed import Future
+
+    store = str(Path(store_path).resolve())
+    layout(store)  # UserError when this is not a store
+    request_cancel(store)
+    cancelled = None
+    if scheduler or scheduler_file:
+        with connect(scheduler=scheduler, scheduler_file=scheduler_file) as client:
+            keys = client.run_on_scheduler(_keys_with_prefix, prefix=f"cntk-{store_id(store)}-")
+            client.cancel([Future(key, client=client) for key in keys], force=True)
+            cancelled = len(keys)
+    return {"store": store, "tasks_cancelled": cancelled}
+
+
+def _keys_with_prefix(dask_scheduler=None, *, prefix: str) -> list[str]:
+    """Runs on the scheduler: keys of its tasks that start with `prefix`."""
+    return [key for key in dask_scheduler.tasks if isinstance(key, str) and key.startswith(prefix)]

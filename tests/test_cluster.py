@@ -1,0 +1,63 @@
+"""cluster.py: local workers of both kinds get one environment; 'auto' never waits forever for workers."""
+import sys
+import types
+
+import dask
+import pytest
+
+from cntk_gram.pipeline import cluster
+from cntk_gram.pipeline.config import build_config
+from cntk_gram.pipeline.errors import UserError
+from cntk_gram.pipeline.run import run
+
+
+class Recorder:
+    """Stands in for a cluster class; records what a worker process would get as its environment."""
+
+    def __init__(self, seen, *, honours_env_option):
+        self.seen, self.honours_env_option = seen, honours_env_option
+
+    def __call__(self, **kwargs):
+        env = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+        if self.honours_env_option:
+            env.update(kwargs.get("env") or {})
+        self.seen.append({"env": env, "kwargs": kwargs})
+        return object()
+
+
+def test_gpu_and_cpu_local_workers_get_the_same_environment(monkeypatch):
+    import distributed
+
+    seen = []
+    # dask-cuda sets each worker's `env` option to CUDA_VISIBLE_DEVICES alone, so the stand-in ignores it
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = Recorder(seen, honours_env_option=False)
+    fake_utils = types.ModuleType("dask_cuda.utils")
+    fake_utils.get_n_gpus = lambda: 2
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setitem(sys.modules, "dask_cuda.utils", fake_utils)
+    monkeypatch.setattr(distributed, "LocalCluster", Recorder(seen, honours_env_option=True))
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
+    config = build_config({"cluster": {"workers": 4}}).cluster
+
+    cluster.local_cluster(cluster=config, backend="gpu")
+    cluster.local_cluster(cluster=config, backend="cpu")
+    gpu, cpu = seen
+    assert gpu["env"]["NUMBA_NUM_THREADS"] == "4" and cpu["env"]["NUMBA_NUM_THREADS"] == "2"  # 8 cores / workers
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert str(gpu["env"][name]) == str(cpu["env"][name]) == "1", name
+    assert cpu["kwargs"]["n_workers"] == 4 and "n_workers" not in gpu["kwargs"]  # one worker per GPU
+    # the configuration is only changed while the GPU cluster is made
+    assert "NUMBA_NUM_THREADS" not in dask.config.get("distributed.nanny.pre-spawn-environ")
+
+
+def test_auto_backend_on_a_cluster_without_workers_fails_after_a_bounded_wait(cifar_root, tmp_path, monkeypatch):
+    from distributed import LocalCluster
+
+    monkeypatch.setattr(cluster, "WORKER_WAIT_S", 1)
+    config = build_config({"data": {"root": str(cifar_root), "train": 20, "test": 0},
+                           "kernel": {"archs": ["vanilla"], "depths": [2]}, "tiles": {"size": 20},
+                           "backend": "auto", "store": str(tmp_path / "s.zarr")})
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        with pytest.raises(UserError, match="no workers"):
+            run(config, scheduler=empty.scheduler_address, progress=False)
