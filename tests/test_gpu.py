@@ -262,27 +262,51 @@ template <class F, class... A> void launch(F f, const std::vector<unsigned>& blo
 }
 #include "cntk_tile.cu"
 template <class T> std::vector<T> load(const char* path, size_t n) {
-    std::vector<T> v(n); FILE* f = fopen(path, "rb"); if (fread(v.data(), sizeof(T), n, f) != n) exit(3); fclose(f); return v;
+    std::vector<T> v(n); FILE* f = fopen(path, "rb"); if (!f || fread(v.data(), sizeof(T), n, f) != n) exit(3); fclose(f); return v;
 }
-// usage: emulate n_images layers n_pairs vanilla|gap [CUDA block ids of the GAP grid]
+template <class T> void save(const char* path, const std::vector<T>& v) {
+    FILE* f = fopen(path, "wb"); fwrite(v.data(), sizeof(T), v.size(), f); fclose(f);
+}
+std::vector<unsigned> range(long long n, long long per_block) {
+    std::vector<unsigned> blocks; for (long long b = 0; b * per_block < n; ++b) blocks.push_back((unsigned)b); return blocks;
+}
+// usage: emulate n_x n_y layers n_pairs vanilla              (n_y = 0: y images = x images, shared maps)
+//        emulate n_x n_y layers n_pairs gap BLOCK...        (the CUDA blocks of the GAP grid to run)
+//        emulate 0 0 layers n_pairs scatter rows cols row0 col0 mirror scale
+// files: x.bin, y.bin (n, 32, 32, 3) float32, pair_x.bin, pair_y.bin int32, pair_self.bin uint8 -> out.bin
+// (n_pairs, layers, 2) float64; scatter: sums.bin (n_pairs, layers, 2) float64 into result.bin (2, layers, rows,
+// cols) float32, read and written back.
 int main(int argc, char** argv) {
-    const int n_images = atoi(argv[1]), layers = atoi(argv[2]), n_pairs = atoi(argv[3]);
-    const bool gap = argv[4][0] == 'g';
-    auto images = load<float>("images.bin", (size_t)n_images * IMAGE_FLOATS);
+    const int n_x = atoi(argv[1]), n_y = atoi(argv[2]), layers = atoi(argv[3]), n_pairs = atoi(argv[4]);
+    const char mode = argv[5][0];
     auto px = load<int>("pair_x.bin", n_pairs), py = load<int>("pair_y.bin", n_pairs);
+    if (mode == 's') {
+        const int rows = atoi(argv[6]), cols = atoi(argv[7]), row0 = atoi(argv[8]), col0 = atoi(argv[9]);
+        const int mirror = atoi(argv[10]);
+        const double scale = atof(argv[11]);
+        auto sums = load<double>("sums.bin", (size_t)n_pairs * layers * 2);
+        auto result = load<float>("result.bin", (size_t)2 * layers * rows * cols);
+        launch(scatter_pairs, range((long long)n_pairs * 2 * layers, 256), 256, (const double*)sums.data(),
+               (const int*)px.data(), (const int*)py.data(), n_pairs, layers, scale, row0, col0, rows, cols, mirror,
+               result.data());
+        save("result.bin", result);
+        return 0;
+    }
     auto self = load<unsigned char>("pair_self.bin", n_pairs);
-    std::vector<float2> maps((size_t)n_images * layers * MAP_ENTRIES);
+    auto x = load<float>("x.bin", (size_t)n_x * IMAGE_FLOATS);
+    auto y = n_y ? load<float>("y.bin", (size_t)n_y * IMAGE_FLOATS) : x;
+    std::vector<float2> x_maps((size_t)n_x * layers * MAP_ENTRIES), y_maps((size_t)(n_y ? n_y : 1) * layers * MAP_ENTRIES);
+    launch(diag_maps, range(n_x, 1), SIDE * SIDE, (const float*)x.data(), n_x, layers, x_maps.data());
+    if (n_y) launch(diag_maps, range(n_y, 1), SIDE * SIDE, (const float*)y.data(), n_y, layers, y_maps.data());
+    const float2* ym = n_y ? y_maps.data() : x_maps.data();
     std::vector<unsigned> blocks;
-    for (int i = 0; i < n_images; ++i) blocks.push_back(i);
-    launch(diag_maps, blocks, SIDE * SIDE, (const float*)images.data(), n_images, layers, maps.data());
-    blocks.clear();
-    if (gap) for (int k = 5; k < argc; ++k) blocks.push_back(atoi(argv[k]));
-    else for (int b = 0; b * WARPS_PER_BLOCK < n_pairs; ++b) blocks.push_back(b);
+    if (mode == 'g') for (int k = 6; k < argc; ++k) blocks.push_back(atoi(argv[k]));
+    else blocks = range(n_pairs, WARPS_PER_BLOCK);
     std::vector<double> out((size_t)n_pairs * layers * 2, 0.0);
-    launch(gap ? cntk_gap_tile : cntk_vanilla_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)images.data(),
-           (const float*)images.data(), (const float2*)maps.data(), (const float2*)maps.data(), (const int*)px.data(),
+    launch(mode == 'g' ? cntk_gap_tile : cntk_vanilla_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)x.data(),
+           (const float*)y.data(), (const float2*)x_maps.data(), ym, (const int*)px.data(),
            (const int*)py.data(), (const unsigned char*)self.data(), n_pairs, layers, out.data());
-    FILE* f = fopen("out.bin", "wb"); fwrite(out.data(), sizeof(double), out.size(), f); fclose(f);
+    save("out.bin", out);
     return 0;
 }
 """
@@ -300,15 +324,35 @@ def emulator(tmp_path_factory):
     subprocess.run([compiler, "-std=c++20", "-O1", *options, f"-I{REPO / 'workers'}", "-o", str(work / "emulate"),
                     str(work / "emulate.cpp"), "-lpthread"], check=True)
 
-    def run(images, pairs, same, *, layers, mode, blocks=()):
-        images.astype(np.float32).tofile(work / "images.bin")
-        np.array([p[0] for p in pairs], np.int32).tofile(work / "pair_x.bin")
-        np.array([p[1] for p in pairs], np.int32).tofile(work / "pair_y.bin")
+    def run(images, pairs, same, *, layers, mode, blocks=(), y_images=None):
+        """Tile kernel over `pairs` (a into images, b into y_images or images): (n_pairs, layers, 2) float64."""
+        images.astype(np.float32).tofile(work / "x.bin")
+        if y_images is not None:
+            y_images.astype(np.float32).tofile(work / "y.bin")
+        _write_pairs(work, pairs)
         np.array(same, np.uint8).tofile(work / "pair_self.bin")
-        subprocess.run([str(work / "emulate"), str(len(images)), str(layers), str(len(pairs)), mode,
+        n_y = 0 if y_images is None else len(y_images)
+        subprocess.run([str(work / "emulate"), str(len(images)), str(n_y), str(layers), str(len(pairs)), mode,
                         *map(str, blocks)], cwd=work, check=True)
         return np.fromfile(work / "out.bin", np.float64).reshape(len(pairs), layers, 2)
+
+    def scatter(sums, pairs, result, *, row0, col0, mirror, scale):
+        """scatter_pairs of (n_pairs, layers, 2) sums into a copy of result (2, layers, rows, cols) float32."""
+        count, layers, _ = sums.shape
+        np.ascontiguousarray(sums, np.float64).tofile(work / "sums.bin")
+        np.ascontiguousarray(result, np.float32).tofile(work / "result.bin")
+        _write_pairs(work, pairs)
+        rows, cols = result.shape[2:]
+        subprocess.run([str(work / "emulate"), "0", "0", str(layers), str(count), "scatter", str(rows), str(cols),
+                        str(row0), str(col0), str(int(mirror)), repr(float(scale))], cwd=work, check=True)
+        return np.fromfile(work / "result.bin", np.float32).reshape(result.shape)
+    run.scatter = scatter
     return run
+
+
+def _write_pairs(work, pairs):
+    np.array([p[0] for p in pairs], np.int32).tofile(work / "pair_x.bin")
+    np.array([p[1] for p in pairs], np.int32).tofile(work / "pair_y.bin")
 
 
 def test_emulated_vanilla_kernel_matches_reference(emulator, rng):
@@ -345,6 +389,42 @@ def test_emulated_gap_kernel_blocks_match_reference(emulator, rng):
         assert out[0, 0] == 0.0          # GAP NTK at depth 2: Theta0 = 0
         _assert_close(out[1:, 0], want[1:, 0], f"gap ntk block sums {a},{b}")
         _assert_close(out[:, 1], want[:, 1], f"gap nngp block sums {a},{b}")
+
+
+def test_emulated_scatter_places_pairs_into_the_tile_result(emulator, rng):
+    """scatter_pairs on the host: kernel sums of a ragged off-diagonal sub-tile (offset rows and columns, own y images)
+    and of a diagonal sub-tile (mirrored), in super-tile pair order, land on the float64 reference; nothing else is
+    written."""
+    x, y = _images(rng, 3), _images(rng, 2)
+    y[1] = x[2]
+    layers, want = 2, {}
+    for a in range(3):
+        for b in range(a, 3):
+            want[a, "x", b] = cntk_pair(x[a], x[b], max_depth=layers + 1)
+        want[a, "y", 0] = cntk_pair(x[a], y[0], max_depth=layers + 1)
+        want[a, "y", 1] = want[a, "x", 2]                      # y[1] is x[2]
+
+    ragged = list(zip(*(v.tolist() for v in gpu.pair_lists(3, 2, diagonal=False))))
+    sums = emulator(x, ragged, [int(b == 1 and a == 2) for a, b in ragged], layers=layers, mode="vanilla", y_images=y)
+    start = np.full((2, layers, 5, 7), -7.0, np.float32)                     # untouched entries keep -7
+    got = emulator.scatter(sums, ragged, start, row0=2, col0=4, mirror=False, scale=1.0)
+    untouched = np.ones((5, 7), bool)
+    untouched[2:5, 4:6] = False
+    assert np.all(got[:, :, untouched] == -7.0)
+    for a, b in ragged:
+        for k, kind in enumerate(("ntk", "nngp")):
+            _assert_close(got[k, :, 2 + a, 4 + b], want[a, "y", b][f"{kind}-vanilla"], f"{kind} ragged {a},{b}")
+
+    diagonal = list(zip(*(v.tolist() for v in gpu.pair_lists(3, 3, diagonal=True))))
+    sums = emulator(x, diagonal, [int(a == b) for a, b in diagonal], layers=layers, mode="vanilla")
+    got = emulator.scatter(sums, diagonal, np.zeros((2, layers, 4, 4), np.float32), row0=1, col0=1, mirror=True,
+                           scale=0.5)
+    assert np.all(got[:, :, 0, :] == 0) and np.all(got[:, :, :, 0] == 0)
+    for a, b in diagonal:
+        for k, kind in enumerate(("ntk", "nngp")):
+            ref = 0.5 * want[a, "x", b][f"{kind}-vanilla"]
+            _assert_close(got[k, :, 1 + a, 1 + b], ref, f"{kind} diagonal {a},{b}")
+            _assert_close(got[k, :, 1 + b, 1 + a], ref, f"{kind} mirrored {b},{a}")
 
 
 # ---------------------------------------------------------------- GPU
