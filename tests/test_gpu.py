@@ -689,15 +689,39 @@ def test_gpu_sub_batching_gives_the_same_tile(rng, monkeypatch):
     x, y = _images(rng, 5), _images(rng, 4)
     whole = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=3)
     whole_diag = gpu.tile_kernels(x, archs=("vanilla", "gap"), max_depth=3)
-    per_image = gpu.IMAGE_BYTES + 2 * gpu.MAP_BYTES_PER_LAYER
-    monkeypatch.setattr(gpu, "free_device_bytes", lambda device_id: int(5 * per_image / 0.8))
+    _force_chunk(monkeypatch, 2, 5, 5, 2)
     monkeypatch.setattr(gpu, "WORK_PER_LAUNCH", 3 * 2 ** 21)   # 3 GAP pairs per launch at 2 layers
-    assert gpu.plan_tile(5, 4, layers=2, arch="gap", budget_bytes=int(5 * per_image)).chunk < 4
+    assert gpu.plan_tile(5, 4, layers=2, arch="gap", budget_bytes=int(0.8 * gpu.free_device_bytes(0))).chunk < 4
     cut = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=3)
     cut_diag = gpu.tile_kernels(x, archs=("vanilla", "gap"), max_depth=3)
     for key in whole:
         _assert_close(cut[key], whole[key], key)
         _assert_close(cut_diag[key], whole_diag[key], key + " diagonal")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_vanilla_super_tiles_sub_tiles_and_device_scatter(rng, monkeypatch):
+    """The real vanilla path over several 32 x 32 super-tiles with ragged edges, cut into 35-image sub-tiles (uploads
+    overlapping compute, one launch of 1000 pairs each, scatter on the device): equal to the CPU backend everywhere
+    and to the float64 reference on corner and edge pairs; diagonal tiles symmetric."""
+    from cntk_gram.workers.backends import get_backend
+    x, y = _images(rng, 70), _images(rng, 45)
+    y[44] = x[69]
+    _force_chunk(monkeypatch, 35, 70, 70, 3)      # sub-tiles of 35: a full super-tile and a 3-image edge
+    monkeypatch.setattr(gpu, "WORK_PER_LAUNCH", 1000 * 1024 * 3)
+    for yy in (y, None):
+        got = gpu.tile_kernels(x, yy, archs=("vanilla",), max_depth=4)
+        cpu = get_backend("cpu").tile_kernels(x, yy, archs=("vanilla",), max_depth=4)
+        m = 70 if yy is None else 45
+        for key in cpu:
+            _assert_close(got[key], cpu[key], f"{key} vs cpu backend, {'diagonal' if yy is None else 'ragged'}")
+            if yy is None:
+                assert np.array_equal(got[key], got[key].transpose(0, 2, 1))
+        for a, b in ((0, 0), (31, 32), (69, m - 1), (40, 7), (69, 0)):
+            ref = cntk_pair(x[a], (x if yy is None else yy)[b], max_depth=4)
+            for key in ("ntk-vanilla", "nngp-vanilla"):
+                _assert_close(got[key][:, a, b], ref[key], f"{key} pair {a},{b} vs float64 reference")
 
 
 @pytest.mark.gpu
