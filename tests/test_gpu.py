@@ -5,9 +5,11 @@ runs on the host through a small CUDA emulation (one std::thread per CUDA thread
 With a GPU (@pytest.mark.gpu, skipped when CuPy or a device is missing): tiles equal the float64 reference and the
 CPU backend within 1e-5 relative, for both architectures, NTK and NNGP, diagonal and ragged tiles, forced sub-batching.
 """
+import itertools
 import re
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +99,16 @@ def test_plan_tile_fits_budget_and_shrinks_chunks():
     tight_budget = 600 * per_image  # room for ~300 images per side, so a 1000-image tile must be cut
     tight = gpu.plan_tile(1000, 1000, layers=layers, arch="gap", budget_bytes=tight_budget)
     assert tight.chunk < 1000 and tight.device_bytes <= tight_budget
-    assert 2 * tight.chunk * per_image <= tight_budget
+    result = 1000 * 1000 * layers * 2 * 4                  # the tile's (2, layers, n, m) float32 result on the device
+    assert result + 2 * (2 * tight.chunk * per_image) <= tight_budget   # two sub-tiles' inputs at once
     assert 1 <= tight.pairs_per_launch <= tight.chunk ** 2
     # GAP pairs are 1024x the work of vanilla pairs: fewer per launch
     vanilla = gpu.plan_tile(1000, 1000, layers=layers, arch="vanilla", budget_bytes=8 << 30)
     assert vanilla.pairs_per_launch > roomy.pairs_per_launch
-    with pytest.raises(ValueError, match="cannot hold even one image pair"):
+    with pytest.raises(ValueError, match="cannot hold a 10 x 10 tile's result .* and one image pair"):
         gpu.plan_tile(10, 10, layers=layers, arch="gap", budget_bytes=1000)
+    with pytest.raises(ValueError, match="smaller tile size"):
+        gpu.plan_tile(10000, 10000, layers=layers, arch="vanilla", budget_bytes=8 << 30)   # 16 GB result
     with pytest.raises(ValueError, match="conv layers"):
         gpu.plan_tile(10, 10, layers=gpu.MAX_LAYERS + 1, arch="gap", budget_bytes=8 << 30)
 
@@ -119,68 +124,196 @@ def test_pair_lists_and_same_images(rng):
     assert same.tolist() == [[False, False], [False, False], [True, False]]
 
 
+class _FakeGPU:
+    """Host stand-in for the CuPy calls of the launcher, with a log of stream work and two checks (a vector clock
+    per stream): a kernel or copy on stream S may use an array written on stream T only after S waited for an event
+    recorded on T after that write (or the host waited for that write to finish); a device or pinned buffer may be freed only once the host has synchronized on
+    events covering every use of it. Violations collect in `errors`."""
+
+    def __init__(self, kernels):
+        self.log, self.errors, self.kernels = [], [], kernels
+        self.default = _FakeStream(self, "default")
+        self.current = [self.default]
+        self.covered = {}                      # stream name -> last op index the host knows finished
+        self.info = {}                         # id(root buffer) -> {"written": {stream: i}, "used": {stream: i}}
+
+    def op(self, name, stream, *arrays, writes=()):
+        i = len(self.log)
+        self.log.append((name, stream.name))
+        for arr in arrays + tuple(writes):
+            info = self._track(arr)
+            for t, w in info["written"].items():
+                if t != stream.name and stream.waited.get(t, -1) < w and self.covered.get(t, -1) < w:
+                    self.errors.append(f"{name} on {stream.name} uses a buffer written on {t} at op {w} unwaited")
+            info["used"][stream.name] = i
+        for arr in writes:
+            self._track(arr)["written"][stream.name] = i
+        return i
+
+    def _track(self, arr):
+        root = arr
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        key = id(root)
+        if key not in self.info:
+            self.info[key] = {"written": {}, "used": {}}
+            weakref.finalize(root, self._freed, key)
+        return self.info[key]
+
+    def _freed(self, key):
+        for stream, i in self.info.pop(key)["used"].items():
+            if self.covered.get(stream, -1) < i:
+                self.errors.append(f"buffer used on {stream} at op {i} freed before the host waited for it")
+
+    def module(self):
+        import types
+        return types.SimpleNamespace(get_function=lambda name: _FakeKernel(self, name))
+
+    def cupy(self):
+        import types
+
+        names = itertools.count()
+
+        def alloc(shape, dtype):
+            return np.zeros(shape, dtype).view(_FakeDeviceArray).bind(self)
+        return types.SimpleNamespace(
+            float32=np.float32, float64=np.float64, uint8=np.uint8, empty=alloc, zeros=alloc,
+            cuda=types.SimpleNamespace(Device=lambda device_id: _FakeStream(self, "device"),
+                                       Stream=lambda non_blocking=False: _FakeStream(self, f"s{next(names)}")))
+
+
 class _FakeDeviceArray(np.ndarray):
-    """Host stand-in for a cupy.ndarray: adds get(stream, out, blocking)."""
+    """Host stand-in for a cupy.ndarray: set / get go through the fake GPU's log."""
+    gpu = None
+
+    def bind(self, gpu):
+        self.gpu = gpu
+        return self
+
+    def __array_finalize__(self, obj):
+        self.gpu = getattr(obj, "gpu", None)
+
+    def set(self, arr, stream=None):
+        self.gpu.op("set", stream, arr, writes=(self,))
+        self[...] = arr
 
     def get(self, stream=None, out=None, blocking=True):
+        i = self.gpu.op("get", stream, self, writes=(out,))
         out[...] = self
+        if blocking:
+            stream.host_wait(i)
         return out
 
 
 class _FakeStream:
-    def __init__(self, non_blocking=False):
-        pass
+    def __init__(self, gpu, name):
+        self.gpu, self.name, self.waited = gpu, name, {}
 
     def __enter__(self):
+        self.gpu.current.append(self)
         return self
 
     def __exit__(self, *exc):
+        self.gpu.current.pop()
         return False
 
     def record(self):
-        return self
+        return _FakeEvent(self, len(self.gpu.log) - 1, dict(self.waited))
 
     def wait_event(self, event):
-        pass
+        self.gpu.log.append(("wait", self.name))
+        for stream, i in {**event.clock, event.stream.name: event.index}.items():
+            self.waited[stream] = max(self.waited.get(stream, -1), i)
+
+    def host_wait(self, index):
+        self.gpu.log.append(("sync", self.name))
+        self.gpu.covered[self.name] = max(self.gpu.covered.get(self.name, -1), index)
+        for stream, i in self.waited.items():
+            self.gpu.covered[stream] = max(self.gpu.covered.get(stream, -1), i)
+
+
+class _FakeEvent:
+    def __init__(self, stream, index, clock):
+        self.stream, self.index, self.clock = stream, index, clock
 
     def synchronize(self):
-        pass
+        self.stream.gpu.log.append(("sync", self.stream.name))
+        covered = self.stream.gpu.covered
+        for stream, i in {**self.clock, self.stream.name: self.index}.items():
+            covered[stream] = max(covered.get(stream, -1), i)
 
 
-def _fake_kernel(name, launches):
-    """Fake kernels: diag_maps stores each image's tag (pixel [0,0,0]); tile kernels write
-    ntk = 1000 * tag_x + tag_y + layer and nngp = the self flag, so placement errors show up."""
-    def launch(grid, block, args):
-        if name == "diag_maps":
-            images, n, layers, maps = args
-            maps[...] = np.asarray(images)[:, 0, 0, 0, None, None, None, None]
-            return
+class _FakeKernel:
+    """Kernels by name, run on the current fake stream. Default bodies tag pairs: diag_maps stores each image's tag
+    (pixel [0, 0, 0]); a tile kernel writes ntk = 1000 * tag_x + tag_y + layer and nngp = the self flag (GAP adds,
+    like its atomicAdd, so an unzeroed slot shows); scatter_pairs follows the contract in cntk_tile.cu."""
+
+    def __init__(self, gpu, name):
+        self.gpu, self.name = gpu, name
+
+    def __call__(self, grid, block, args):
+        stream = self.gpu.current[-1]
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        outputs = {"diag_maps": -1, "scatter_pairs": -1}.get(self.name, -1)
+        self.gpu.op(f"kernel:{self.name}", stream, *arrays[:outputs], writes=(arrays[outputs],))
+        self.gpu.kernels.get(self.name, getattr(self, "_" + self.name.split("_")[0], None))(grid, block, args)
+
+    @staticmethod
+    def _diag(grid, block, args):
+        images, n, layers, maps = args
+        maps[...] = np.asarray(images)[:, 0, 0, 0, None, None, None, None]
+
+    @staticmethod
+    def _cntk(grid, block, args):
         x, y, x_maps, y_maps, pa, pb, same, count, layers, out = args
-        launches.append((name, grid[0], int(count)))
+        gap = grid[0] == int(count) * 128
+        assert gap or grid[0] == -(-int(count) // 8)
         h = np.arange(int(layers))
-        out[..., 0] = 1000 * x_maps[pa, 0, 0, 0, 0][:, None] + y_maps[pb, 0, 0, 0, 0][:, None] + h
-        out[..., 1] = np.asarray(same)[:, None]
-    return launch
+        tags = 1000 * np.asarray(x_maps)[pa, 0, 0, 0, 0][:, None] + np.asarray(y_maps)[pb, 0, 0, 0, 0][:, None] + h
+        if gap:
+            out[..., 0] += tags
+            out[..., 1] += np.asarray(same)[:, None]
+        else:
+            out[..., 0] = tags
+            out[..., 1] = np.asarray(same)[:, None]
+
+    @staticmethod
+    def _scatter(grid, block, args):
+        sums, pa, pb, count, layers, scale, row0, col0, rows, cols, mirror, result = args
+        assert grid[0] * block[0] >= int(count) * 2 * int(layers) and result.shape[2:] == (rows, cols)
+        values = (np.asarray(sums)[:int(count)] * float(scale)).transpose(2, 1, 0).astype(np.float32)
+        r, c = int(row0) + np.asarray(pa), int(col0) + np.asarray(pb)
+        result[:, :, r, c] = values
+        if mirror:
+            result[:, :, c, r] = values
+
+
+def _fake_cupy(monkeypatch, kernels=None):
+    """Installs a _FakeGPU as cupy / cupyx for cntk_gram.workers.gpu; returns it."""
+    import sys
+    import types
+    fake = _FakeGPU(kernels or {})
+    monkeypatch.setitem(sys.modules, "cupy", fake.cupy())
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=lambda shape, dtype: np.zeros(shape, dtype)))
+    module = fake.module()
+    monkeypatch.setattr(gpu, "load_module", lambda device_id, options: module)
+    monkeypatch.setattr(gpu, "_pinned", {"buffer": None})
+    return fake
+
+
+def _force_chunk(monkeypatch, chunk, n, m, layers):
+    """Memory budget that makes plan_tile cut an n x m tile into chunk x chunk sub-tiles."""
+    per_image = gpu.IMAGE_BYTES + layers * gpu.MAP_BYTES_PER_LAYER
+    need = n * m * layers * 8 + 2 * (2 * chunk * per_image + chunk * chunk * gpu.PAIR_INDEX_BYTES) + chunk ** 2 * layers * 16
+    monkeypatch.setattr(gpu, "free_device_bytes", lambda device_id: int(need / 0.8) + 8)
 
 
 def test_tile_orchestration_with_fake_cupy(monkeypatch):
-    """The launcher's sub-tiling, pair batches, two output slots, scatter and mirroring, with CuPy replaced by host
-    fakes (the kernels only tag pairs): every entry of the result must come from the right pair."""
-    import sys
-    import types
-    launches = []
-    fake = types.SimpleNamespace(
-        float32=np.float32, float64=np.float64, uint8=np.uint8,
-        asarray=lambda a: np.array(a).view(_FakeDeviceArray),
-        zeros=lambda shape, dtype: np.zeros(shape, dtype).view(_FakeDeviceArray),
-        empty=lambda shape, dtype: np.zeros(shape, dtype).view(_FakeDeviceArray),
-        cuda=types.SimpleNamespace(Device=lambda device_id: _FakeStream(), Stream=_FakeStream))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=np.zeros))
-    module = types.SimpleNamespace(get_function=lambda name: _fake_kernel(name, launches))
-    monkeypatch.setattr(gpu, "load_module", lambda device_id, options: module)
-    per_image = gpu.IMAGE_BYTES + 2 * gpu.MAP_BYTES_PER_LAYER
-    monkeypatch.setattr(gpu, "free_device_bytes", lambda device_id: int(5 * per_image / 0.8))   # 2-image chunks
+    """The launcher's sub-tiling, pair batches, device scatter and mirroring, with CuPy replaced by host fakes (the
+    kernels only tag pairs): every entry of the result must come from the right pair, and the stream checks of
+    _FakeGPU must hold."""
+    fake = _fake_cupy(monkeypatch)
+    _force_chunk(monkeypatch, 2, 5, 3, 2)
     monkeypatch.setattr(gpu, "WORK_PER_LAUNCH", 3 * 2 ** 21)                                    # 3 GAP pairs
     x = np.zeros((5, 32, 32, 3), np.float32)
     y = np.zeros((3, 32, 32, 3), np.float32)
@@ -195,16 +328,80 @@ def test_tile_orchestration_with_fake_cupy(monkeypatch):
     np.testing.assert_allclose(got["ntk-vanilla"], want)
     np.testing.assert_allclose(got["ntk-gap"], want / 2 ** 20)
     np.testing.assert_array_equal(got["nngp-vanilla"][0], gpu.same_images(x, y))
-    assert {g for name, g, c in launches if name == "cntk_gap_tile"} >= {3 * 128}
-    assert all(c <= 3 for name, g, c in launches if name == "cntk_gap_tile")
-    assert all(g == -(-c // 8) for name, g, c in launches if name == "cntk_vanilla_tile")
+    kernels = [name for name, _ in fake.log if name.startswith("kernel:cntk")]
+    assert kernels.count("kernel:cntk_vanilla_tile") == 6                                     # 3 x 2 sub-tiles
+    assert kernels.count("kernel:cntk_gap_tile") > 6                                          # 3 pairs per launch
 
-    launches.clear()
+    fake.log.clear()
     got = gpu.tile_kernels(x, archs=("gap",), max_depth=3)
     lo, hi = np.minimum(ida, ida.T), np.maximum(ida, ida.T)
     np.testing.assert_allclose(got["ntk-gap"], (1000 * lo + hi + h) / 2 ** 20)
     np.testing.assert_array_equal(got["nngp-gap"][1] * 2 ** 20, np.eye(5))
-    assert sum(c for _, _, c in launches) == 5 * 6 // 2                                         # a <= b only
+    assert fake.errors == []
+
+
+def test_pair_lists_cover_every_pair_once_in_super_tiles():
+    for n, m, diagonal in ((70, 45, False), (64, 64, True), (37, 37, True), (5, 3, False), (1, 1, True)):
+        a, b = gpu.pair_lists(n, m, diagonal=diagonal)
+        assert a.dtype == b.dtype == np.int32 and not a.flags.writeable
+        keys = a.astype(np.int64) * m + b
+        want = [(i, j) for i in range(n) for j in range(m) if not diagonal or i <= j]
+        assert len(keys) == len(want) == len(set(keys.tolist()))
+        assert set(zip(a.tolist(), b.tolist())) == set(want)
+        # each 32 x 32 super-tile is one contiguous run, the runs in row-major order of super-tiles
+        tile = (a // 32) * 1000 + b // 32
+        runs = tile[np.r_[True, tile[1:] != tile[:-1]]]
+        assert len(runs) == len(set(runs.tolist())) and np.all(np.diff(runs) > 0)
+        # inside full super-tiles, each CUDA block of 8 pairs covers 2 row images x 4 column images
+        full = (a // 32 < n // 32) & (b // 32 < m // 32) & ~diagonal
+        for start in range(0, len(a) - 7, 8):
+            if full[start:start + 8].all():
+                assert np.ptp(a[start:start + 8]) <= 1 and np.ptp(b[start:start + 8]) <= 3
+    with pytest.raises(ValueError, match="divide"):
+        gpu.pair_lists(4, 4, diagonal=False, tile=(32, 32), group=(3, 4))
+
+
+def test_subtiles_cover_the_tile(monkeypatch):
+    for n, m, chunk, diagonal in ((7, 5, 3, False), (7, 7, 3, True), (4, 4, 4, True)):
+        covered = np.zeros((n, m), int)
+        for rows, cols, on_diagonal in gpu.subtiles(n, m, chunk, diagonal=diagonal):
+            assert rows.stop - rows.start <= chunk and cols.stop - cols.start <= chunk
+            assert on_diagonal == (diagonal and rows == cols)
+            a, b = gpu.pair_lists(rows.stop - rows.start, cols.stop - cols.start, diagonal=on_diagonal)
+            covered[rows.start + a, cols.start + b] += 1
+        if diagonal:
+            covered = covered + np.triu(covered, 1).T
+        assert np.all(covered == 1)
+
+
+def test_next_subtile_uploads_while_the_current_one_computes(monkeypatch):
+    """Stream order of a tile cut into 3 x 3 sub-tiles: uploads on one stream, kernels on another; the upload of
+    sub-tile k + 1 is issued before the host waits for sub-tile k, whose kernels are queued before that wait; one
+    device-to-host copy per tile (after the last sub-tile)."""
+    fake = _fake_cupy(monkeypatch)
+    _force_chunk(monkeypatch, 2, 6, 6, 2)
+    x = np.zeros((6, 32, 32, 3), np.float32)
+    x[:, 0, 0, 0] = np.arange(6)
+    y = x + 0.5
+    got = gpu.tile_kernels(x, y, archs=("vanilla",), max_depth=3)
+    np.testing.assert_allclose(got["ntk-vanilla"], 1000 * np.arange(6)[:, None] + np.arange(6) + 0.5
+                               + np.arange(2)[:, None, None])
+    assert fake.errors == []
+    log = fake.log
+    streams = {name: {s for op, s in log if op.startswith(name)} for name in ("set", "kernel", "get")}
+    assert len(streams["set"]) == len(streams["kernel"]) == 1 and streams["set"] != streams["kernel"]
+    assert streams["get"] == streams["kernel"] and [op for op, _ in log].count("get") == 1
+    upload, compute = streams["set"].pop(), streams["kernel"].pop()
+    # job k: its uploads end at the k-th wait of the compute stream; its host wait is the k-th sync on compute
+    waits = [i for i, (op, s) in enumerate(log) if op == "wait" and s == compute]
+    syncs = [i for i, (op, s) in enumerate(log) if op == "sync" and s == compute]
+    sets = [i for i, (op, s) in enumerate(log) if op == "set"]
+    assert len(waits) == 9 and len(syncs) == 10                                          # 9 sub-tiles + the copy
+    for k in range(8):
+        next_uploads = [i for i in sets if waits[k] < i < waits[k + 1]]
+        kernels_k = [i for i, (op, _) in enumerate(log) if op.startswith("kernel") and waits[k] < i < waits[k + 1]]
+        assert next_uploads and kernels_k and max(kernels_k) < min(next_uploads) and max(next_uploads) < syncs[k]
+    assert log[-1] == ("sync", compute) and log[-2] == ("get", compute)
 
 
 HOST_SHIM = r"""
@@ -262,27 +459,51 @@ template <class F, class... A> void launch(F f, const std::vector<unsigned>& blo
 }
 #include "cntk_tile.cu"
 template <class T> std::vector<T> load(const char* path, size_t n) {
-    std::vector<T> v(n); FILE* f = fopen(path, "rb"); if (fread(v.data(), sizeof(T), n, f) != n) exit(3); fclose(f); return v;
+    std::vector<T> v(n); FILE* f = fopen(path, "rb"); if (!f || fread(v.data(), sizeof(T), n, f) != n) exit(3); fclose(f); return v;
 }
-// usage: emulate n_images layers n_pairs vanilla|gap [CUDA block ids of the GAP grid]
+template <class T> void save(const char* path, const std::vector<T>& v) {
+    FILE* f = fopen(path, "wb"); fwrite(v.data(), sizeof(T), v.size(), f); fclose(f);
+}
+std::vector<unsigned> range(long long n, long long per_block) {
+    std::vector<unsigned> blocks; for (long long b = 0; b * per_block < n; ++b) blocks.push_back((unsigned)b); return blocks;
+}
+// usage: emulate n_x n_y layers n_pairs vanilla              (n_y = 0: y images = x images, shared maps)
+//        emulate n_x n_y layers n_pairs gap BLOCK...        (the CUDA blocks of the GAP grid to run)
+//        emulate 0 0 layers n_pairs scatter rows cols row0 col0 mirror scale
+// files: x.bin, y.bin (n, 32, 32, 3) float32, pair_x.bin, pair_y.bin int32, pair_self.bin uint8 -> out.bin
+// (n_pairs, layers, 2) float64; scatter: sums.bin (n_pairs, layers, 2) float64 into result.bin (2, layers, rows,
+// cols) float32, read and written back.
 int main(int argc, char** argv) {
-    const int n_images = atoi(argv[1]), layers = atoi(argv[2]), n_pairs = atoi(argv[3]);
-    const bool gap = argv[4][0] == 'g';
-    auto images = load<float>("images.bin", (size_t)n_images * IMAGE_FLOATS);
+    const int n_x = atoi(argv[1]), n_y = atoi(argv[2]), layers = atoi(argv[3]), n_pairs = atoi(argv[4]);
+    const char mode = argv[5][0];
     auto px = load<int>("pair_x.bin", n_pairs), py = load<int>("pair_y.bin", n_pairs);
+    if (mode == 's') {
+        const int rows = atoi(argv[6]), cols = atoi(argv[7]), row0 = atoi(argv[8]), col0 = atoi(argv[9]);
+        const int mirror = atoi(argv[10]);
+        const double scale = atof(argv[11]);
+        auto sums = load<double>("sums.bin", (size_t)n_pairs * layers * 2);
+        auto result = load<float>("result.bin", (size_t)2 * layers * rows * cols);
+        launch(scatter_pairs, range((long long)n_pairs * 2 * layers, 256), 256, (const double*)sums.data(),
+               (const int*)px.data(), (const int*)py.data(), n_pairs, layers, scale, row0, col0, rows, cols, mirror,
+               result.data());
+        save("result.bin", result);
+        return 0;
+    }
     auto self = load<unsigned char>("pair_self.bin", n_pairs);
-    std::vector<float2> maps((size_t)n_images * layers * MAP_ENTRIES);
+    auto x = load<float>("x.bin", (size_t)n_x * IMAGE_FLOATS);
+    auto y = n_y ? load<float>("y.bin", (size_t)n_y * IMAGE_FLOATS) : x;
+    std::vector<float2> x_maps((size_t)n_x * layers * MAP_ENTRIES), y_maps((size_t)(n_y ? n_y : 1) * layers * MAP_ENTRIES);
+    launch(diag_maps, range(n_x, 1), SIDE * SIDE, (const float*)x.data(), n_x, layers, x_maps.data());
+    if (n_y) launch(diag_maps, range(n_y, 1), SIDE * SIDE, (const float*)y.data(), n_y, layers, y_maps.data());
+    const float2* ym = n_y ? y_maps.data() : x_maps.data();
     std::vector<unsigned> blocks;
-    for (int i = 0; i < n_images; ++i) blocks.push_back(i);
-    launch(diag_maps, blocks, SIDE * SIDE, (const float*)images.data(), n_images, layers, maps.data());
-    blocks.clear();
-    if (gap) for (int k = 5; k < argc; ++k) blocks.push_back(atoi(argv[k]));
-    else for (int b = 0; b * WARPS_PER_BLOCK < n_pairs; ++b) blocks.push_back(b);
+    if (mode == 'g') for (int k = 6; k < argc; ++k) blocks.push_back(atoi(argv[k]));
+    else blocks = range(n_pairs, WARPS_PER_BLOCK);
     std::vector<double> out((size_t)n_pairs * layers * 2, 0.0);
-    launch(gap ? cntk_gap_tile : cntk_vanilla_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)images.data(),
-           (const float*)images.data(), (const float2*)maps.data(), (const float2*)maps.data(), (const int*)px.data(),
+    launch(mode == 'g' ? cntk_gap_tile : cntk_vanilla_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)x.data(),
+           (const float*)y.data(), (const float2*)x_maps.data(), ym, (const int*)px.data(),
            (const int*)py.data(), (const unsigned char*)self.data(), n_pairs, layers, out.data());
-    FILE* f = fopen("out.bin", "wb"); fwrite(out.data(), sizeof(double), out.size(), f); fclose(f);
+    save("out.bin", out);
     return 0;
 }
 """
@@ -300,15 +521,35 @@ def emulator(tmp_path_factory):
     subprocess.run([compiler, "-std=c++20", "-O1", *options, f"-I{REPO / 'workers'}", "-o", str(work / "emulate"),
                     str(work / "emulate.cpp"), "-lpthread"], check=True)
 
-    def run(images, pairs, same, *, layers, mode, blocks=()):
-        images.astype(np.float32).tofile(work / "images.bin")
-        np.array([p[0] for p in pairs], np.int32).tofile(work / "pair_x.bin")
-        np.array([p[1] for p in pairs], np.int32).tofile(work / "pair_y.bin")
+    def run(images, pairs, same, *, layers, mode, blocks=(), y_images=None):
+        """Tile kernel over `pairs` (a into images, b into y_images or images): (n_pairs, layers, 2) float64."""
+        images.astype(np.float32).tofile(work / "x.bin")
+        if y_images is not None:
+            y_images.astype(np.float32).tofile(work / "y.bin")
+        _write_pairs(work, pairs)
         np.array(same, np.uint8).tofile(work / "pair_self.bin")
-        subprocess.run([str(work / "emulate"), str(len(images)), str(layers), str(len(pairs)), mode,
+        n_y = 0 if y_images is None else len(y_images)
+        subprocess.run([str(work / "emulate"), str(len(images)), str(n_y), str(layers), str(len(pairs)), mode,
                         *map(str, blocks)], cwd=work, check=True)
         return np.fromfile(work / "out.bin", np.float64).reshape(len(pairs), layers, 2)
+
+    def scatter(sums, pairs, result, *, row0, col0, mirror, scale):
+        """scatter_pairs of (n_pairs, layers, 2) sums into a copy of result (2, layers, rows, cols) float32."""
+        count, layers, _ = sums.shape
+        np.ascontiguousarray(sums, np.float64).tofile(work / "sums.bin")
+        np.ascontiguousarray(result, np.float32).tofile(work / "result.bin")
+        _write_pairs(work, pairs)
+        rows, cols = result.shape[2:]
+        subprocess.run([str(work / "emulate"), "0", "0", str(layers), str(count), "scatter", str(rows), str(cols),
+                        str(row0), str(col0), str(int(mirror)), repr(float(scale))], cwd=work, check=True)
+        return np.fromfile(work / "result.bin", np.float32).reshape(result.shape)
+    run.scatter = scatter
     return run
+
+
+def _write_pairs(work, pairs):
+    np.array([p[0] for p in pairs], np.int32).tofile(work / "pair_x.bin")
+    np.array([p[1] for p in pairs], np.int32).tofile(work / "pair_y.bin")
 
 
 def test_emulated_vanilla_kernel_matches_reference(emulator, rng):
@@ -345,6 +586,42 @@ def test_emulated_gap_kernel_blocks_match_reference(emulator, rng):
         assert out[0, 0] == 0.0          # GAP NTK at depth 2: Theta0 = 0
         _assert_close(out[1:, 0], want[1:, 0], f"gap ntk block sums {a},{b}")
         _assert_close(out[:, 1], want[:, 1], f"gap nngp block sums {a},{b}")
+
+
+def test_emulated_scatter_places_pairs_into_the_tile_result(emulator, rng):
+    """scatter_pairs on the host: kernel sums of a ragged off-diagonal sub-tile (offset rows and columns, own y images)
+    and of a diagonal sub-tile (mirrored), in super-tile pair order, land on the float64 reference; nothing else is
+    written."""
+    x, y = _images(rng, 3), _images(rng, 2)
+    y[1] = x[2]
+    layers, want = 2, {}
+    for a in range(3):
+        for b in range(a, 3):
+            want[a, "x", b] = cntk_pair(x[a], x[b], max_depth=layers + 1)
+        want[a, "y", 0] = cntk_pair(x[a], y[0], max_depth=layers + 1)
+        want[a, "y", 1] = want[a, "x", 2]                      # y[1] is x[2]
+
+    ragged = list(zip(*(v.tolist() for v in gpu.pair_lists(3, 2, diagonal=False))))
+    sums = emulator(x, ragged, [int(b == 1 and a == 2) for a, b in ragged], layers=layers, mode="vanilla", y_images=y)
+    start = np.full((2, layers, 5, 7), -7.0, np.float32)                     # untouched entries keep -7
+    got = emulator.scatter(sums, ragged, start, row0=2, col0=4, mirror=False, scale=1.0)
+    untouched = np.ones((5, 7), bool)
+    untouched[2:5, 4:6] = False
+    assert np.all(got[:, :, untouched] == -7.0)
+    for a, b in ragged:
+        for k, kind in enumerate(("ntk", "nngp")):
+            _assert_close(got[k, :, 2 + a, 4 + b], want[a, "y", b][f"{kind}-vanilla"], f"{kind} ragged {a},{b}")
+
+    diagonal = list(zip(*(v.tolist() for v in gpu.pair_lists(3, 3, diagonal=True))))
+    sums = emulator(x, diagonal, [int(a == b) for a, b in diagonal], layers=layers, mode="vanilla")
+    got = emulator.scatter(sums, diagonal, np.zeros((2, layers, 4, 4), np.float32), row0=1, col0=1, mirror=True,
+                           scale=0.5)
+    assert np.all(got[:, :, 0, :] == 0) and np.all(got[:, :, :, 0] == 0)
+    for a, b in diagonal:
+        for k, kind in enumerate(("ntk", "nngp")):
+            ref = 0.5 * want[a, "x", b][f"{kind}-vanilla"]
+            _assert_close(got[k, :, 1 + a, 1 + b], ref, f"{kind} diagonal {a},{b}")
+            _assert_close(got[k, :, 1 + b, 1 + a], ref, f"{kind} mirrored {b},{a}")
 
 
 # ---------------------------------------------------------------- GPU
@@ -412,15 +689,39 @@ def test_gpu_sub_batching_gives_the_same_tile(rng, monkeypatch):
     x, y = _images(rng, 5), _images(rng, 4)
     whole = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=3)
     whole_diag = gpu.tile_kernels(x, archs=("vanilla", "gap"), max_depth=3)
-    per_image = gpu.IMAGE_BYTES + 2 * gpu.MAP_BYTES_PER_LAYER
-    monkeypatch.setattr(gpu, "free_device_bytes", lambda device_id: int(5 * per_image / 0.8))
+    _force_chunk(monkeypatch, 2, 5, 5, 2)
     monkeypatch.setattr(gpu, "WORK_PER_LAUNCH", 3 * 2 ** 21)   # 3 GAP pairs per launch at 2 layers
-    assert gpu.plan_tile(5, 4, layers=2, arch="gap", budget_bytes=int(5 * per_image)).chunk < 4
+    assert gpu.plan_tile(5, 4, layers=2, arch="gap", budget_bytes=int(0.8 * gpu.free_device_bytes(0))).chunk < 4
     cut = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=3)
     cut_diag = gpu.tile_kernels(x, archs=("vanilla", "gap"), max_depth=3)
     for key in whole:
         _assert_close(cut[key], whole[key], key)
         _assert_close(cut_diag[key], whole_diag[key], key + " diagonal")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_vanilla_super_tiles_sub_tiles_and_device_scatter(rng, monkeypatch):
+    """The real vanilla path over several 32 x 32 super-tiles with ragged edges, cut into 35-image sub-tiles (uploads
+    overlapping compute, one launch of 1000 pairs each, scatter on the device): equal to the CPU backend everywhere
+    and to the float64 reference on corner and edge pairs; diagonal tiles symmetric."""
+    from cntk_gram.workers.backends import get_backend
+    x, y = _images(rng, 70), _images(rng, 45)
+    y[44] = x[69]
+    _force_chunk(monkeypatch, 35, 70, 70, 3)      # sub-tiles of 35: a full super-tile and a 3-image edge
+    monkeypatch.setattr(gpu, "WORK_PER_LAUNCH", 1000 * 1024 * 3)
+    for yy in (y, None):
+        got = gpu.tile_kernels(x, yy, archs=("vanilla",), max_depth=4)
+        cpu = get_backend("cpu").tile_kernels(x, yy, archs=("vanilla",), max_depth=4)
+        m = 70 if yy is None else 45
+        for key in cpu:
+            _assert_close(got[key], cpu[key], f"{key} vs cpu backend, {'diagonal' if yy is None else 'ragged'}")
+            if yy is None:
+                assert np.array_equal(got[key], got[key].transpose(0, 2, 1))
+        for a, b in ((0, 0), (31, 32), (69, m - 1), (40, 7), (69, 0)):
+            ref = cntk_pair(x[a], (x if yy is None else yy)[b], max_depth=4)
+            for key in ("ntk-vanilla", "nngp-vanilla"):
+                _assert_close(got[key][:, a, b], ref[key], f"{key} pair {a},{b} vs float64 reference")
 
 
 @pytest.mark.gpu

@@ -253,3 +253,25 @@ cntk_vanilla_tile(const float* __restrict__ x_images, const float* __restrict__ 
     __syncwarp();
     for (int k = lane; k < 2 * layers; k += 32) out[(long long)p * 2 * layers + k] = acc[warp][k];
 }
+
+// Places one launch's per-pair sums into the tile's result on the device, so the host copies each tile once.
+//   sums (count, layers, 2) float64 from a tile kernel (the `out` above); pair_x, pair_y (count,) int32 sub-tile
+//   image indices; result (2, layers, rows, cols) float32, [kind, h-1, r, c] for depth h + 1 (kind 0 ntk, 1 nngp).
+// Pair p goes to row row0 + pair_x[p], column col0 + pair_y[p], scaled by `scale` (GAP: 2^-20 for the mean) and
+// rounded once to float32; mirror != 0 (diagonal tiles, rows == cols) also writes the transposed entry.
+// Grid: ceil(count * 2 * layers / blockDim.x) blocks; thread t takes value k = t / count of pair p = t % count, so
+// consecutive threads write neighbouring pairs of one (kind, layer) plane.
+extern "C" __global__ void __launch_bounds__(256)
+scatter_pairs(const double* __restrict__ sums, const int* __restrict__ pair_x, const int* __restrict__ pair_y,
+              int count, int layers, double scale, int row0, int col0, int rows, int cols, int mirror,
+              float* __restrict__ result)
+{
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)count * 2 * layers) return;
+    const int k = (int)(t / count), p = (int)(t % count);      // k = 2 (h - 1) + kind, the index into sums[p]
+    const float value = (float)(sums[(long long)p * 2 * layers + k] * scale);
+    float* plane = result + ((long long)(k % 2) * layers + k / 2) * rows * cols;
+    const long long r = row0 + pair_x[p], c = col0 + pair_y[p];
+    plane[r * cols + c] = value;
+    if (mirror) plane[c * cols + r] = value;
+}

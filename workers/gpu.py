@@ -4,11 +4,12 @@ Same contract as every backend (docs/ARCHITECTURE.md): `tile_kernels(x, y=None, 
 half of this module (`plan_tile`, `pair_lists`, `same_images`, `compile_options`) is pure NumPy and imports without
 CuPy; CuPy is imported only when a tile actually runs. Design, blocking and the instruction count: docs/gpu.md.
 
-Flow of one tile: the images of a sub-tile (rows chunk x cols chunk, sized to the free device memory) go to the
-device once, `diag_maps` turns them into per-image 1/sqrt(d), sqrt(d) maps for every layer, and the pair list of the
-sub-tile runs through the tile kernel in launches of `pairs_per_launch` pairs on a non-default stream. Each launch
-writes float64 sums into one of two output slots; a second stream copies a finished slot to pinned host memory
-while the next launch runs, and the host scatters it into the result arrays.
+Flow of one tile (docs/gpu.md, "Host side"): the tile is cut into sub-tiles (rows chunk x cols chunk images, sized to
+the free device memory). A sub-tile's images, pair list (2-D super-tile order, `pair_lists`) and self flags go to the
+device on an upload stream from pinned memory, the upload of the next sub-tile overlapping the current one's kernels
+on the compute stream. There `diag_maps` makes the per-image maps, the tile kernel runs in launches of
+`pairs_per_launch` pairs, and `scatter_pairs` places every launch's sums into the tile's (2, layers, rows, cols)
+float32 result on the device (mirrored on diagonal tiles). The host copies that result once per tile.
 """
 import functools
 import threading
@@ -31,6 +32,13 @@ DEFAULT_OPTIONS = (("WARPS_PER_BLOCK", 8), ("BLOCKS_PER_WARP", 1), ("MIN_BLOCKS_
 MAX_LAYERS = dict(DEFAULT_OPTIONS)["MAX_LAYERS"]
 WORK_PER_LAUNCH = 2 ** 33                      # entry-layers per launch: ~10 ms of GPU time, small output slots
 MAX_PAIRS_PER_LAUNCH = 65536
+RESULT_BYTES_PER_PAIR_LAYER = 2 * 4            # ntk and nngp, float32, in the tile's device result
+# Pair order: super-tiles of 32 x 32 pairs (row images x column images) one after the other, so the maps of the 64
+# images they touch (10 MB at 20 layers) are re-read from L2 rather than HBM; inside a super-tile, groups of 2 x 4
+# pairs, one CUDA block of the vanilla kernel (WARPS_PER_BLOCK = 8 warps), share 6 images' maps in L1 instead of 9.
+SUPER_TILE = (32, 32)
+WARP_GROUP = (2, 4)
+SCATTER_THREADS = 256
 # Instructions per entry-layer: the SASS of the layer loop (sm_90, nvcc 13, compile_options()) over its 32 rows;
 # all issued instructions, and those on the FP32 pipe (FFMA/FMUL/FADD/FMNMX/FSETP/FSEL). See docs/gpu.md.
 # .ci/check_cuda.sh fails when `bench_gpu.py --check-sass` counts more than half an instruction off these.
@@ -59,8 +67,9 @@ class TilePlan:
 def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int) -> TilePlan:
     """Largest sub-tile (chunk x chunk images, at most n x m) whose device buffers fit in `budget_bytes`.
 
-    Device buffers: images and diagonal maps of 2*chunk images, the pair lists of chunk^2 pairs and two output slots
-    of pairs_per_launch * layers * 2 float64. Raises ValueError when not even one pair fits.
+    Device buffers: the tile's result (2, layers, n, m) float32; two sub-tiles' inputs at once (the one computing and
+    the next one uploading: images and diagonal maps of 2*chunk images, pair lists of chunk^2 pairs each); one sums
+    slot of pairs_per_launch * layers * 2 float64. Raises ValueError when the result or not even one pair fits.
     """
     if arch not in ENTRIES_PER_PAIR:
         raise ValueError(f"unknown conv architecture {arch!r}; allowed: {', '.join(ENTRIES_PER_PAIR)}")
@@ -70,26 +79,56 @@ def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int) -> T
     per_image = IMAGE_BYTES + layers * MAP_BYTES_PER_LAYER
     work = ENTRIES_PER_PAIR[arch] * layers
     launch_pairs = int(np.clip(WORK_PER_LAUNCH // work, 1, MAX_PAIRS_PER_LAUNCH))
+    result = n * m * layers * RESULT_BYTES_PER_PAIR_LAYER
 
     def need(chunk):
         pairs = chunk * chunk
-        slots = 2 * min(launch_pairs, pairs) * layers * 2 * 8
-        return 2 * chunk * per_image + pairs * PAIR_INDEX_BYTES + slots
+        inputs = 2 * chunk * per_image + pairs * PAIR_INDEX_BYTES
+        slot = min(launch_pairs, pairs) * layers * 2 * 8
+        return result + 2 * inputs + slot
 
     chunk = max(n, m)
     while chunk > 1 and need(chunk) > budget_bytes:
         chunk = (chunk + 1) // 2
     if need(chunk) > budget_bytes:
-        raise ValueError(f"GPU memory budget of {budget_bytes} bytes cannot hold even one image pair "
-                         f"({need(1)} bytes needed at {layers} layers)")
+        raise ValueError(f"GPU memory budget of {budget_bytes} bytes cannot hold a {n} x {m} tile's result "
+                         f"({result} bytes) and one image pair ({need(1) - result} bytes) at {layers} layers; "
+                         f"use a smaller tile size")
     return TilePlan(chunk=chunk, pairs_per_launch=min(launch_pairs, chunk * chunk), device_bytes=need(chunk))
 
 
-def pair_lists(n: int, m: int, *, diagonal: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Row-major pair indices (a, b) of an n x m sub-tile; diagonal keeps a <= b only. int32 arrays."""
-    a, b = np.meshgrid(np.arange(n, dtype=np.int32), np.arange(m, dtype=np.int32), indexing="ij")
-    keep = a <= b if diagonal else np.ones(a.shape, bool)
-    return a[keep], b[keep]
+@functools.lru_cache(maxsize=8)
+def pair_lists(n: int, m: int, *, diagonal: bool, tile: tuple[int, int] = SUPER_TILE,
+               group: tuple[int, int] = WARP_GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """Pair indices (a, b) of an n x m sub-tile (diagonal: a <= b only), every pair once, in super-tile order.
+
+    Super-tiles of tile = (rows, cols) pairs follow each other row-major; inside one, groups of `group` pairs follow
+    row-major, and inside a group the pairs are row-major. Edge super-tiles and groups are cut at n and m. Returns
+    two read-only int32 arrays of the same length (cached: every tile of a run has the same shape).
+    """
+    (tr, tc), (gr, gc) = tile, group
+    if tr % gr or tc % gc:
+        raise ValueError(f"pair groups {group} must divide the super-tile {tile}")
+    rows, cols = -(-n // tr) * tr, -(-m // tc) * tc
+    a = np.arange(rows, dtype=np.int32).reshape(rows // tr, 1, tr // gr, 1, gr, 1)
+    b = np.arange(cols, dtype=np.int32).reshape(1, cols // tc, 1, tc // gc, 1, gc)
+    a, b = (v.ravel() for v in np.broadcast_arrays(a, b))
+    keep = (a < n) & (b < m)
+    if diagonal:
+        keep &= a <= b
+    a, b = a[keep], b[keep]
+    a.flags.writeable = b.flags.writeable = False
+    return a, b
+
+
+def subtiles(n: int, m: int, chunk: int, *, diagonal: bool) -> list[tuple[slice, slice, bool]]:
+    """Sub-tiles of an n x m tile in row-major order: (rows, cols, on_diagonal). A diagonal tile (n == m) keeps the
+    sub-tiles on and above its diagonal; on_diagonal marks those whose own pairs are a <= b only."""
+    out = []
+    for r0 in range(0, n, chunk):
+        for c0 in range(r0 if diagonal else 0, m, chunk):
+            out.append((slice(r0, min(r0 + chunk, n)), slice(c0, min(c0 + chunk, m)), diagonal and r0 == c0))
+    return out
 
 
 def use_device(device_id: int) -> None:
@@ -156,40 +195,88 @@ def _conv_tile(x, y, *, arch: str, layers: int) -> dict:
     module = load_module(device_id, compile_options())
     with cupy.cuda.Device(device_id):
         plan = plan_tile(n, m, layers=layers, arch=arch, budget_bytes=int(0.8 * free_device_bytes(device_id)))
-        same = same_images(x, y_host)
-        result = np.zeros((2, layers, n, m), np.float32)
-        runner = _LaunchRunner(module, arch=arch, layers=layers, pairs_per_launch=plan.pairs_per_launch,
-                               result=result, mirror=diagonal)
-        for r0 in range(0, n, plan.chunk):
-            rows = slice(r0, min(r0 + plan.chunk, n))
-            for c0 in range(r0 if diagonal else 0, m, plan.chunk):
-                cols = slice(c0, min(c0 + plan.chunk, m))
-                runner.run_subtile(x[rows], y_host[cols], same[rows, cols], rows=rows, cols=cols,
-                                   diagonal=diagonal and r0 == c0)
-        runner.finish()
+        runner = _TileRunner(module, arch=arch, layers=layers, pairs_per_launch=plan.pairs_per_launch,
+                             shape=(n, m), mirror=diagonal)
+        result = runner.run(x, y_host, same_images(x, y_host), subtiles(n, m, plan.chunk, diagonal=diagonal))
     return {f"ntk-{arch}": result[0], f"nngp-{arch}": result[1]}
 
 
-class _LaunchRunner:
-    """Launches one architecture's kernel over sub-tiles with two output slots (see module docstring)."""
+_pinned = {"buffer": None}
 
-    def __init__(self, module, *, arch, layers, pairs_per_launch, result, mirror):
+
+def _pinned_buffer(shape, dtype):
+    """A C-contiguous view of this process's pinned host buffer (grown when too small; callers hold _device_lock)."""
+    import cupyx
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if _pinned["buffer"] is None or _pinned["buffer"].nbytes < nbytes:
+        _pinned["buffer"] = None
+        _pinned["buffer"] = cupyx.empty_pinned((nbytes,), np.uint8)
+    return _pinned["buffer"][:nbytes].view(dtype).reshape(shape)
+
+
+class _TileRunner:
+    """One architecture's kernels over the sub-tiles of one tile (module docstring and docs/gpu.md, "Host side").
+
+    Streams: `upload` copies a sub-tile's inputs from pinned host memory; `compute` waits for that upload's event,
+    then runs diag_maps, the tile kernel and scatter_pairs into `result` (2, layers, n, m) float32. A sub-tile's
+    device and pinned buffers are dropped only after the host has waited for its compute event, so the memory pool
+    never hands them out while a kernel or copy still uses them.
+    """
+
+    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror):
         import cupy
-        import cupyx
         self.cupy = cupy
         self.kernel = module.get_function(KERNEL_NAMES[arch])
         self.maps_kernel = module.get_function("diag_maps")
+        self.scatter_kernel = module.get_function("scatter_pairs")
         self.arch, self.layers, self.batch = arch, layers, pairs_per_launch
-        self.result, self.mirror = result, mirror
+        self.shape, self.mirror = shape, mirror
         self.scale = 1.0 / ENTRIES_PER_PAIR["gap"] if arch == "gap" else 1.0
         self.warps = dict(DEFAULT_OPTIONS)["WARPS_PER_BLOCK"]
         self.gap_chunks = SIDE * SIDE // (self.warps * dict(DEFAULT_OPTIONS)["BLOCKS_PER_WARP"])
         self.compute = cupy.cuda.Stream(non_blocking=True)
-        self.copy = cupy.cuda.Stream(non_blocking=True)
-        self.slots = [{"device": cupy.zeros((self.batch, layers, 2), cupy.float64),
-                       "host": cupyx.empty_pinned((self.batch, layers, 2), np.float64),
-                       "copied": None, "pending": None} for _ in range(2)]
+        self.upload = cupy.cuda.Stream(non_blocking=True)
+        with self.compute:
+            self.result = cupy.zeros((2, layers) + tuple(shape), cupy.float32)
+            self.sums = cupy.empty((self.batch, layers, 2), cupy.float64)
         self.launches = 0
+
+    def run(self, x, y, same, jobs) -> np.ndarray:
+        """x (n, 32, 32, 3), y (m, 32, 32, 3) float32 host images, same (n, m) bool, jobs from `subtiles`.
+        Returns the host copy of the result, (2, layers, n, m) float32."""
+        previous = None
+        for rows, cols, on_diagonal in jobs:
+            # staged on the host and uploaded while the previous sub-tile's kernels run
+            current = self._upload(x[rows], y[cols], same[rows, cols], rows=rows, cols=cols, on_diagonal=on_diagonal)
+            self._enqueue(current)
+            if previous is not None:
+                previous["done"].synchronize()
+            previous = current
+        if previous is not None:
+            previous["done"].synchronize()
+        host = _pinned_buffer(self.result.shape, np.float32)
+        self.result.get(stream=self.compute, out=host, blocking=True)
+        return host.copy()
+
+    def _upload(self, xs, ys, same, *, rows, cols, on_diagonal) -> dict:
+        import cupyx
+        cupy = self.cupy
+        pair_a, pair_b = pair_lists(len(xs), len(ys), diagonal=on_diagonal)
+        host = {"x": xs, "a": pair_a, "b": pair_b, "self": same[pair_a, pair_b].astype(np.uint8)}
+        if not on_diagonal:
+            host["y"] = ys
+        job = {"rows": rows, "cols": cols, "diagonal": on_diagonal, "count": len(pair_a), "pinned": {}}
+        with self.upload:
+            for name, values in host.items():
+                pinned = cupyx.empty_pinned(values.shape, values.dtype)
+                np.copyto(pinned, values)
+                job["pinned"][name] = pinned
+                job[name] = cupy.empty(values.shape, values.dtype)
+                job[name].set(pinned, stream=self.upload)
+            job["uploaded"] = self.upload.record()
+        if on_diagonal:
+            job["y"] = job["x"]
+        return job
 
     def _maps(self, images_dev):
         maps = self.cupy.empty((len(images_dev), self.layers, 2 * SIDE, SIDE, 2), self.cupy.float32)
@@ -197,53 +284,29 @@ class _LaunchRunner:
                          (images_dev, np.int32(len(images_dev)), np.int32(self.layers), maps))
         return maps
 
-    def run_subtile(self, xs, ys, same, *, rows, cols, diagonal):
-        """All pairs of xs (n, 32, 32, 3) x ys (m, 32, 32, 3) float32; same (n, m) bool; rows/cols place them."""
-        cupy = self.cupy
-        pair_a, pair_b = pair_lists(len(xs), len(ys), diagonal=diagonal)
+    def _enqueue(self, job) -> None:
+        """The sub-tile's maps, tile kernel launches and scatters on the compute stream; sets job["done"]."""
+        layers = np.int32(self.layers)
         with self.compute:
-            x_dev = cupy.asarray(xs)
-            y_dev = x_dev if diagonal else cupy.asarray(ys)
-            x_maps = self._maps(x_dev)
-            y_maps = x_maps if diagonal else self._maps(y_dev)
-            pa_dev, pb_dev = cupy.asarray(pair_a), cupy.asarray(pair_b)
-            self_dev = cupy.asarray(same[pair_a, pair_b].astype(np.uint8))
-            for start in range(0, len(pair_a), self.batch):
-                stop = min(start + self.batch, len(pair_a))
-                slot = self._free_slot()
+            self.compute.wait_event(job["uploaded"])
+            job["x_maps"] = self._maps(job["x"])
+            job["y_maps"] = job["x_maps"] if job["diagonal"] else self._maps(job["y"])
+            for start in range(0, job["count"], self.batch):
+                stop = min(start + self.batch, job["count"])
                 count = stop - start
-                out = slot["device"][:count]
-                out.fill(0)
+                sums = self.sums[:count]
+                pa, pb = job["a"][start:stop], job["b"][start:stop]
+                if self.arch == "gap":
+                    sums.fill(0)          # the GAP kernel adds its CUDA blocks' totals atomically
                 grid = count * self.gap_chunks if self.arch == "gap" else -(-count // self.warps)
                 self.kernel((grid,), (32 * self.warps,),
-                            (x_dev, y_dev, x_maps, y_maps, pa_dev[start:stop], pb_dev[start:stop],
-                             self_dev[start:stop], np.int32(count), np.int32(self.layers), out))
-                done = self.compute.record()
-                self.copy.wait_event(done)
-                out.get(stream=self.copy, out=slot["host"][:count], blocking=False)
-                slot["copied"] = self.copy.record()
-                slot["pending"] = (rows.start + pair_a[start:stop], cols.start + pair_b[start:stop], count)
+                            (job["x"], job["y"], job["x_maps"], job["y_maps"], pa, pb, job["self"][start:stop],
+                             np.int32(count), layers, sums))
+                values = count * 2 * self.layers
+                self.scatter_kernel((-(-values // SCATTER_THREADS),), (SCATTER_THREADS,),
+                                    (sums, pa, pb, np.int32(count), layers, np.float64(self.scale),
+                                     np.int32(job["rows"].start), np.int32(job["cols"].start),
+                                     np.int32(self.shape[0]), np.int32(self.shape[1]), np.int32(self.mirror),
+                                     self.result))
                 self.launches += 1
-            # this sub-tile's images and maps are freed on return: let its launches finish first
-            self.compute.synchronize()
-
-    def _free_slot(self):
-        """The slot of the next launch; a slot still holding results is scattered first (waits for its copy)."""
-        slot = self.slots[self.launches % 2]
-        if slot["pending"] is not None:
-            self._scatter(slot)
-        return slot
-
-    def _scatter(self, slot):
-        slot["copied"].synchronize()
-        ga, gb, count = slot["pending"]
-        values = slot["host"][:count].transpose(2, 1, 0) * self.scale   # (2 kinds, layers, count)
-        self.result[:, :, ga, gb] = values
-        if self.mirror:
-            self.result[:, :, gb, ga] = values
-        slot["pending"] = None
-
-    def finish(self):
-        for slot in self.slots:
-            if slot["pending"] is not None:
-                self._scatter(slot)
+            job["done"] = self.compute.record()
