@@ -51,9 +51,10 @@ SOLVE_RESERVE_S = {True: 30, False: 90}   # seconds kept for the solve after a k
 
 # Predicted rates on one H100/H200 (docs/gpu.md, "Campaign stage times"), used until the kernels stage has
 # measured them: GAP at 50% of the issue limit (3.35e13 lane-instructions/s / 50 per entry-layer / 2), and
-# vanilla end to end (host scatter and store writes, not the kernel, set its pace: ~5e6 pairs/s at depth 21).
+# vanilla end to end (the copy of each tile's result to the host and the store writes, not the kernel, set its
+# pace: ~1e7 pairs/s at depth 21, docs/gpu.md "Host side").
 GAP_ENTRY_LAYERS_PER_S = 3.3e11
-VANILLA_PAIRS_PER_S_DEPTH21 = 5.0e6
+VANILLA_PAIRS_PER_S_DEPTH21 = 1.0e7
 PREDICT_S = {"env": 5, "tests": 60, "kernels": 150}
 REHEARSE_PREDICT_S = {"env": 2, "tests": 30, "kernels": 30, "run": 30}
 
