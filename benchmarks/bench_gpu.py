@@ -176,14 +176,15 @@ def baseline_pair(xp, kernels, x, z, norms_x, norms_z, *, layers: int, arch: str
     return xp.trace(theta.reshape(side * side, side * side))
 
 
-def baseline_pairs_per_s(cupy, kernels, *, arch: str, layers: int, min_seconds: float) -> dict:
+def baseline_pairs_per_s(cupy, kernels, *, arch: str, layers: int, min_seconds: float, side: int = 32) -> dict:
     """Pairs/s of the authors' scheme (baseline_pair) over the n^2 pairs of n = BASELINE_IMAGES random images
     (the images of prepare(), seed 0), repeated until the timed loop lasts min_seconds (at most 4096 pairs).
+    side: image side, 32 except in host tests (kernels compiled with a smaller BASE_SIDE).
     The per-image normalisers are computed before timing, as in the authors' code. Also returns the n^2 values
     (GAP: mean, vanilla: trace) in row-major pair order."""
     n = BASELINE_IMAGES
     rng = np.random.default_rng(0)
-    images = cupy.asarray(baseline_images(rng.standard_normal((n, 32, 32, 3)).astype(np.float32)))
+    images = cupy.asarray(baseline_images(rng.standard_normal((n, side, side, 3)).astype(np.float32)))
     norms = [baseline_normalisers(cupy, kernels, images[a], layers) for a in range(n)]
     pairs = [(a, b) for a in range(n) for b in range(n)]
     values = []
@@ -199,7 +200,7 @@ def baseline_pairs_per_s(cupy, kernels, *, arch: str, layers: int, min_seconds: 
         if seconds >= min_seconds or len(pairs) >= 4096:
             break
         pairs = pairs * 2
-    final = np.array([float(v.get()) for v in values[:n * n]])
+    final = np.array([float(cupy.asnumpy(v)) for v in values[:n * n]])
     return {"pairs": len(pairs), "kernel_seconds": seconds, "pairs_per_s": len(pairs) / seconds,
             "final_depth_values": final, "wall_seconds": time.perf_counter() - start}
 
