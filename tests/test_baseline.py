@@ -1,8 +1,8 @@
 """Benchmark baseline (workers/baseline.cu driven by baseline_pair in benchmarks/bench_gpu.py), without a GPU.
 
 The two kernels are compiled for the host at BASE_SIDE = 8 with a small CUDA emulation (one std::thread per CUDA
-thread of a block, blocks one after another) and loaded with ctypes; the unchanged Python driver runs them on NumPy arrays
-(NumPy in place of CuPy for the GEMM, zeroing and readout) with the launch shapes it uses on the GPU. Values of
+thread of a block, blocks one after another) and loaded with ctypes; the unchanged Python driver runs them on NumPy
+arrays (NumPy in place of CuPy for the GEMM, zeroing and readout) with the launch shapes it uses on the GPU. Values of
 pairs vs the float64 reference at depths 2 and 4, both architectures, a self pair and an image with a zero
 patch (zero variances).
 """
@@ -59,7 +59,9 @@ template <class F, class... A> void launch(F f, const unsigned* grid, const unsi
         });
     for (auto& t : pool) t.join();
 }
-extern "C" void host_base_box(const unsigned* grid, const unsigned* block, float* t) { launch(base_box, grid, block, t); }
+extern "C" void host_base_box(const unsigned* grid, const unsigned* block, float* t) {
+    launch(base_box, grid, block, t);
+}
 extern "C" void host_base_relu_theta(const unsigned* grid, const unsigned* block, float* sigma, float* theta,
                                      const float* rx, const float* ry, const float* ix, const float* iy, int same) {
     launch(base_relu_theta, grid, block, sigma, theta, rx, ry, ix, iy, same);
