@@ -11,6 +11,7 @@ to benchmarks/results/. Fails with a clear message when CuPy or a GPU is missing
 import argparse
 import collections
 import datetime
+import functools
 import json
 import os
 import platform
@@ -30,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 FULL_CIFAR_PAIRS = 50000 * 50001 // 2 + 50000 * 10000     # train upper triangle + train x test ~= 1.75e9
 ENTRIES = 32 ** 4
-THREADS = 256                                              # baseline.cu element-wise kernels
 MAX_IMAGES = 2048                                          # fused launches: at most 2048^2 pairs
 BASELINE_IMAGES = 4
 
@@ -105,50 +105,102 @@ def fused_pairs_per_s(cupy, module, *, arch: str, layers: int, min_seconds: floa
         n *= 2
 
 
-def baseline_pairs_per_s(cupy, module, base, *, arch: str, layers: int, min_seconds: float) -> dict:
-    """Pairs/s of the Appendix-I scheme: pair by pair, 32^4 tensors, one launch per operation and layer."""
-    grid, block = ((ENTRIES + THREADS - 1) // THREADS,), (THREADS,)
-    k = {name: base.get_function(name) for name in
-         ("base_products", "base_trace_d", "base_relu", "base_theta", "base_sum")}
+@functools.lru_cache(maxsize=None)
+def baseline_launch_shapes(side: int = 32) -> dict:
+    """(grid, block) of each workers/baseline.cu kernel for side x side images. At side 32 these are the authors'
+    launch shapes (ruosongwang/CNTK, CNTK.py: conv3 on (63, 63) x (32, 32), trans on (32, 32, 16) x (8, 8))."""
+    tiles = side // 8
+    return {"base_box": ((2 * side - 1, 2 * side - 1), (side, side)),
+            "base_relu_theta": ((side, side, tiles * tiles), (8, 8))}
+
+
+def baseline_kernels(cupy) -> dict:
+    """The workers/baseline.cu kernels by name, compiled by NVRTC with default options, as the authors' RawKernels."""
+    module = cupy.RawModule(code=(REPO / "workers" / "baseline.cu").read_text(), options=("-std=c++17",))
+    return {name: module.get_function(name) for name in baseline_launch_shapes()}
+
+
+def baseline_images(images: np.ndarray) -> np.ndarray:
+    """(n, side, side, 3) images -> (n, 3, side * side) float32 channel rows, the authors' layout for one GEMM."""
+    n, side = images.shape[0], images.shape[1]
+    return np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2).reshape(n, 3, side * side))
+
+
+def baseline_normalisers(xp, kernels, image, layers: int) -> tuple[list, list]:
+    """Per-layer sqrt(d) and 1/sqrt(d) (0 where d = 0) of one image, d = diag Sigma(x, x), by the pair scheme on
+    (x, x), as the authors do once per image before any pair. image: (3, side * side) float32 on xp.
+    Returns two lists of `layers` (side, side) float32 arrays; entry h serves layer h + 1."""
+    side = int(round(image.shape[1] ** 0.5))
+    shapes = baseline_launch_shapes(side)
+    sigma = xp.matmul(image.T, image).reshape((side,) * 4)
+    kernels["base_box"](*shapes["base_box"], (sigma,))
+    scratch = xp.zeros_like(sigma)
+    roots, inverses = [], []
+    for h in range(layers):
+        root = xp.sqrt(xp.diagonal(sigma.reshape(side * side, side * side))).reshape(side, side).astype(xp.float32)
+        inverse = xp.where(root > 0, 1 / xp.where(root > 0, root, 1), 0).astype(xp.float32)
+        root, inverse = xp.ascontiguousarray(root), xp.ascontiguousarray(inverse)
+        roots.append(root)
+        inverses.append(inverse)
+        kernels["base_relu_theta"](*shapes["base_relu_theta"], (sigma, scratch, root, root, inverse, inverse,
+                                                                 np.int32(1)))
+        if h + 1 < layers:
+            kernels["base_box"](*shapes["base_box"], (sigma,))
+    return roots, inverses
+
+
+def baseline_pair(xp, kernels, x, z, norms_x, norms_z, *, layers: int, arch: str, same: bool):
+    """One kernel value of the pair (x, z) at depth layers + 1, the authors' per-pair scheme (CNTK.py, xz()):
+    Sigma = tr_D(x^T z) (one GEMM, one base_box), Theta = 0 (GAP: first and last layer fixed) or Sigma (vanilla),
+    then per layer base_relu_theta and, between layers, base_box on Sigma and on Theta; GAP subtracts the last K
+    (Theta = Kdot Theta) and returns the mean over all side^4 entries, vanilla the trace over i = i', j = j'.
+    x, z: (3, side * side) float32 on xp; norms_*: baseline_normalisers of each image. Returns a 0-d xp array
+    (left on the device: no host round trip per pair)."""
+    side = int(round(x.shape[1] ** 0.5))
+    shapes = baseline_launch_shapes(side)
+    box, relu_theta = kernels["base_box"], kernels["base_relu_theta"]
+    sigma = xp.matmul(x.T, z).reshape((side,) * 4)
+    box(*shapes["base_box"], (sigma,))
+    theta = xp.zeros((side,) * 4, xp.float32)
+    if arch == "vanilla":
+        theta += sigma
+    for h in range(layers):
+        relu_theta(*shapes["base_relu_theta"], (sigma, theta, norms_x[0][h], norms_z[0][h], norms_x[1][h],
+                                                norms_z[1][h], np.int32(same)))
+        if h + 1 < layers:
+            box(*shapes["base_box"], (sigma,))
+            box(*shapes["base_box"], (theta,))
+    if arch == "gap":
+        theta -= sigma
+        return xp.mean(theta)
+    return xp.trace(theta.reshape(side * side, side * side))
+
+
+def baseline_pairs_per_s(cupy, kernels, *, arch: str, layers: int, min_seconds: float, side: int = 32) -> dict:
+    """Pairs/s of the authors' scheme (baseline_pair) over the n^2 pairs of n = BASELINE_IMAGES random images
+    (the images of prepare(), seed 0), repeated until the timed loop lasts min_seconds (at most 4096 pairs).
+    side: image side, 32 except in host tests (kernels compiled with a smaller BASE_SIDE).
+    The per-image normalisers are computed before timing, as in the authors' code. Also returns the n^2 values
+    (GAP: mean, vanilla: trace) in row-major pair order."""
     n = BASELINE_IMAGES
-    images, maps = prepare(cupy, module, n, layers)
-    tensors = {name: cupy.empty(ENTRIES, cupy.float32) for name in ("prod", "sigma", "theta", "k", "kdot", "u")}
-    total = cupy.zeros(1, cupy.float64)
+    rng = np.random.default_rng(0)
+    images = cupy.asarray(baseline_images(rng.standard_normal((n, side, side, 3)).astype(np.float32)))
+    norms = [baseline_normalisers(cupy, kernels, images[a], layers) for a in range(n)]
     pairs = [(a, b) for a in range(n) for b in range(n)]
     values = []
-
-    def one_pair(a, b):
-        t = tensors
-        k["base_products"](grid, block, (images[a], images[b], t["prod"]))
-        k["base_trace_d"](grid, block, (t["prod"], t["sigma"]))
-        if arch == "gap":
-            t["theta"].fill(0)
-        else:
-            t["theta"][...] = t["sigma"]
-        for h in range(layers):
-            k["base_relu"](grid, block, (t["sigma"], maps[a, h], maps[b, h], np.int32(a == b), t["k"], t["kdot"]))
-            last = h + 1 == layers
-            k["base_theta"](grid, block, (t["kdot"], t["theta"], t["k"], np.int32(not (last and arch == "gap")),
-                                          t["u"]))
-            if not last:
-                k["base_trace_d"](grid, block, (t["k"], t["sigma"]))
-                k["base_trace_d"](grid, block, (t["u"], t["theta"]))
-        total.fill(0)
-        k["base_sum"](grid, block, (t["u"], np.int32(arch == "vanilla"), total))
 
     def launch():
         values.clear()
         for a, b in pairs:
-            one_pair(a, b)
-            values.append(total.copy())   # stays on the device; read after timing
+            values.append(baseline_pair(cupy, kernels, images[a], images[b], norms[a], norms[b], layers=layers,
+                                        arch=arch, same=a == b))
     start = time.perf_counter()
     while True:
         seconds = timed(cupy, launch)
         if seconds >= min_seconds or len(pairs) >= 4096:
             break
         pairs = pairs * 2
-    scale = 1.0 / ENTRIES if arch == "gap" else 1.0
-    final = np.array([float(v.get()[0]) * scale for v in values[:n * n]])
+    final = np.array([float(cupy.asnumpy(v)) for v in values[:n * n]])
     return {"pairs": len(pairs), "kernel_seconds": seconds, "pairs_per_s": len(pairs) / seconds,
             "final_depth_values": final, "wall_seconds": time.perf_counter() - start}
 
@@ -274,14 +326,14 @@ def main(argv=None):
     cupy = require_gpu()
     info = device_info(cupy)
     module = gpu.load_module(cupy.cuda.Device().id, gpu.compile_options())
-    base = cupy.RawModule(code=(REPO / "workers" / "baseline.cu").read_text(), options=("-std=c++17",))
+    base = baseline_kernels(cupy)
     limit = info["sm_count"] * info["fp32_lanes_per_sm"] * info["clock_mhz"] * 1e6   # lane-instructions / s
     results = []
     for arch in archs:
         for depth in depths:
             layers = depth - 1
             fused = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=args.min_seconds)
-            baseline = baseline_pairs_per_s(cupy, module, base, arch=arch, layers=layers,
+            baseline = baseline_pairs_per_s(cupy, base, arch=arch, layers=layers,
                                             min_seconds=args.min_seconds)
             # the same first images and pairs through the fused kernel: the baseline must agree
             check = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=0.0,
