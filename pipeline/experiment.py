@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.pipeline.paper import PaperColumn, Protocol, matching_columns
+from cntk_gram.pipeline.paper import PaperColumn, Protocol
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def solve_and_report(store: str | Path, *, out: str | Path | None = None, refere
     scratch_dir: out-of-core factor panels (default: beside the store); solve_options: the keyword
     arguments of solve_store (kernels, depths, lambdas, val_fraction, seed, validate, device, memory_budget).
     """
-    from cntk_gram.pipeline.report import write_report
+    from cntk_gram.pipeline.report import columns_for, write_report
     from cntk_gram.pipeline.solve import DeviceUnavailable, solve_store
 
     store = Path(store)
@@ -57,7 +57,7 @@ def solve_and_report(store: str | Path, *, out: str | Path | None = None, refere
     protocol = store_protocol(store) if reference else None
     paths = write_report(rows, out_dir=Path(out) if out else default_out(store),
                          title=title or f"Kernel regression on {store.name}", protocol=protocol, extra=extra)
-    return Solved(rows=rows, paths=paths, columns=matching_columns(protocol))
+    return Solved(rows=rows, paths=paths, columns=columns_for(rows, protocol))
 
 
 def reproduce(config_path: str | Path, *, scheduler: str | None = None, scheduler_file: str | None = None,

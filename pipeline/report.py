@@ -25,9 +25,10 @@ def paper_value(columns: Columns | None, kernel: str, depth: int) -> float | Non
     return None if column is None else column.accuracy.get(depth)
 
 
-def header(columns: Columns | None) -> tuple[str, ...]:
-    """HEADER, with the paper column named after the paper's column when exactly one applies."""
-    labels = sorted({column.label for column in (columns or {}).values()})
+def header(rows: list[dict], columns: Columns | None) -> tuple[str, ...]:
+    """HEADER, with the paper column named after the paper's column when exactly one applies to the rows."""
+    kernels = {row["kernel"] for row in rows}
+    labels = sorted({column.label for kernel, column in (columns or {}).items() if kernel in kernels})
     return HEADER if len(labels) != 1 else (*HEADER[:-1], f"paper {labels[0]} (%)")
 
 
@@ -60,13 +61,13 @@ def table_cells(rows: list[dict], columns: Columns | None = None) -> list[tuple[
 
 def format_table(rows: list[dict], columns: Columns | None = None) -> str:
     """Fixed-width text table for the terminal."""
-    lines = [header(columns), *table_cells(rows, columns)]
+    lines = [header(rows, columns), *table_cells(rows, columns)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def markdown_table(rows: list[dict], columns: Columns | None = None) -> str:
-    lines = [header(columns), tuple("---" for _ in HEADER), *table_cells(rows, columns)]
+    lines = [header(rows, columns), tuple("---" for _ in HEADER), *table_cells(rows, columns)]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
@@ -136,6 +137,12 @@ def plot_confusion(counts: np.ndarray, path: Path, *, title: str) -> Path:
     return path
 
 
+def columns_for(rows: list[dict], protocol: Protocol | None) -> Columns:
+    """The paper columns measured under `protocol`, for the kernels among the rows."""
+    kernels = {row["kernel"] for row in rows}
+    return {kernel: column for kernel, column in matching_columns(protocol).items() if kernel in kernels}
+
+
 def paper_summary(protocol: Protocol | None, columns: Columns) -> dict:
     """What the report says about the paper column: the protocol and each matching column's values."""
     return {"source": SOURCE, "protocol": None if protocol is None else protocol.describe(),
@@ -162,7 +169,7 @@ def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | 
     measured under exactly this protocol (None: no paper column)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = matching_columns(protocol)
+    columns = columns_for(rows, protocol)
     best, chosen_by = best_row(rows)
     paths = {"json": out / "results.json", "markdown": out / "results.md",
              "accuracy_plot": plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png", title=title,
