@@ -77,7 +77,7 @@ def _zero_halo(buf, H, W):
 
 @nb.njit(**JIT)
 def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_ntk, acc_nngp,
-               sig, the, kk, uu, rows, rows2, rsum_u, rsum_k):
+               sig, the, kk, uu, rows, rows2, rsum_u, rsum_k, lap_w, acc_lap, slice_sum):
     """Run displacement slice (di, dj) of the pairs (a, lane) through every layer; add its sums into acc_*.
 
     xa, yb: (C, P, Q*LANES) row image (broadcast) and column images; rsa, sqa, rsb, sqb: (L, P, Q*LANES) 1/sqrt and
@@ -85,6 +85,9 @@ def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_n
     image; at (di, dj) = (0, 0) its rho is then exactly 1 (Cauchy-Schwarz), set rather than left to rounding.
     consts: [pi, c_sigma / q^2 / (2 pi)] in the compute dtype. acc_ntk, acc_nngp: float64 (L, LANES).
     sig, the, kk, uu: (P+2, (Q+2)*LANES) scratch; rows, rows2, rsum_*: (P+2, Q*LANES) and (Q*LANES,) scratch.
+    LAP readouts (none when lap_w has 0 rows): lap_w: float64 (n_lap, 2P-1, 2Q-1), weight of displacement (di, dj) at
+    [c, di+P-1, dj+Q-1]; acc_lap: float64 (n_lap, 2, L, LANES), [c, 0] ntk and [c, 1] nngp; slice_sum: (2, LANES)
+    float64 scratch. Every entry of a true slice has the same displacement, so LAP weights the slice's sum once.
     """
     C = xa.shape[0]
     P = xa.shape[1]
@@ -117,6 +120,7 @@ def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_n
             for m in range(n):
                 t_row[m] = zero
     fix_self = di == 0 and dj == 0 and self_lane.any()
+    n_lap = lap_w.shape[0]
     for h in range(L):
         for i in range(H):
             s_row, t_row, k_row, u_row = sig[1 + i, LANES:], the[1 + i, LANES:], kk[1 + i, LANES:], uu[1 + i, LANES:]
@@ -152,6 +156,18 @@ def _run_slice(xa, yb, rsa, sqa, rsb, sqb, di, dj, self_lane, gap, consts, acc_n
                 su, sk = rsum_u[j * LANES + lane], rsum_k[j * LANES + lane]
                 acc_ntk[h, lane] += su - sk if gap else su
                 acc_nngp[h, lane] += sk
+        if n_lap:  # a separate loop, so the sums above (the GAP/vanilla values) are untouched bit for bit
+            slice_sum[:] = 0.0
+            for j in range(W):
+                for lane in range(LANES):
+                    su, sk = rsum_u[j * LANES + lane], rsum_k[j * LANES + lane]
+                    slice_sum[0, lane] += su - sk if gap else su
+                    slice_sum[1, lane] += sk
+            for c in range(n_lap):
+                wt = lap_w[c, di + P - 1, dj + Q - 1]
+                for kind in range(2):
+                    for lane in range(LANES):
+                        acc_lap[c, kind, h, lane] += wt * slice_sum[kind, lane]
         if h + 1 < L:
             _box2(kk, sig, uu, the, rows, rows2, H, W)
 
@@ -169,20 +185,24 @@ def _broadcast_lanes(src, dst):
 
 
 @nb.njit(parallel=True, **JIT)
-def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same, gap, consts):
+def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same, gap, consts, lap_w):
     """All depths of one architecture for every row image a in `rows` against column batches first_batch[a] ..
     nb-1 (batch b holds column images b*LANES .. b*LANES+LANES-1).
 
     xs: (n, C, P, Q); rsx, sqx: (n, L, P, Q); ys: (nb, C, P, Q*LANES); rsy, sqy: (nb, L, P, Q*LANES) lanes fastest;
     rows: (n,) row order (parallel work is split into contiguous runs of it, so callers interleave long and short
     rows); first_batch: (n,); same: (n, nb*LANES) bool, identical images.
-    Returns ntk, nngp: float64 (L, n, nb*LANES), zero where not computed. GAP values are means over P*Q*P*Q.
+    lap_w: float64 (n_lap, 2P-1, 2Q-1) LAP weights per true displacement (n_lap = 0: no LAP; GAP only).
+    Returns ntk, nngp: float64 (L, n, nb*LANES), zero where not computed, and lap: float64 (n_lap, 2, L, n, nb*LANES)
+    ([c, 0] ntk, [c, 1] nngp). GAP and LAP values are divided by P*Q*P*Q.
     """
     n, C, P, Q = xs.shape
     L = rsx.shape[1]
     nb_ = ys.shape[0]
     ntk = np.zeros((L, n, nb_ * LANES))
     nngp = np.zeros((L, n, nb_ * LANES))
+    n_lap = lap_w.shape[0]
+    lap = np.zeros((n_lap, 2, L, n, nb_ * LANES))
     dt = xs.dtype
     span_i = P - 1 if gap else 0
     span_j = Q - 1 if gap else 0
@@ -206,16 +226,23 @@ def pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same, gap, const
         rsum_k = np.empty(Q * LANES, dt)
         acc_ntk = np.empty((L, LANES))
         acc_nngp = np.empty((L, LANES))
+        acc_lap = np.empty((n_lap, 2, L, LANES))
+        slice_sum = np.empty((2, LANES))
         for b in range(first_batch[a], nb_):
             acc_ntk[:] = 0.0
             acc_nngp[:] = 0.0
+            acc_lap[:] = 0.0
             self_lane = same[a, b * LANES:(b + 1) * LANES]
             for di in range(-span_i, span_i + 1):
                 for dj in range(-span_j, span_j + 1):
                     _run_slice(xa, ys[b], rsa, sqa, rsy[b], sqy[b], di, dj, self_lane, gap, consts,
-                               acc_ntk, acc_nngp, sig, the, kk, uu, rows_a, rows_b, rsum_u, rsum_k)
+                               acc_ntk, acc_nngp, sig, the, kk, uu, rows_a, rows_b, rsum_u, rsum_k,
+                               lap_w, acc_lap, slice_sum)
             for h in range(L):
                 for lane in range(LANES):
                     ntk[h, a, b * LANES + lane] = acc_ntk[h, lane] * scale
                     nngp[h, a, b * LANES + lane] = acc_nngp[h, lane] * scale
-    return ntk, nngp
+                    for c in range(n_lap):
+                        for kind in range(2):
+                            lap[c, kind, h, a, b * LANES + lane] = acc_lap[c, kind, h, lane] * scale
+    return ntk, nngp, lap

@@ -11,6 +11,7 @@ import threading
 import numpy as np
 
 from . import _cpu_kernels as _k
+from .enhanced import check_flip, check_lap, flip_images, lap_weights, output_keys
 from .validate import check_archs, check_depth, check_pair, same_images
 
 # numba's default threading layer cannot run two parallel regions at once: serialise calls from Dask threads.
@@ -55,26 +56,49 @@ def _lanes_last(a, width):
         m // lanes, k, p, q * lanes)
 
 
-def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dtype=np.float32) -> dict:
+def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dtype=np.float32, lap=(),
+                 flip: bool = False) -> dict:
     """CNTK (and NNGP) blocks for every depth 2..max_depth in one pass.
 
     x: (n, P, Q, C) preprocessed images; y: (m, P, Q, C) or None (y is x: only pairs a <= b are computed and the
     block is mirrored). archs: any of "vanilla", "gap", "fc". Returns {"{kind}-{arch}": (max_depth-1, n, m)} in `dtype`,
     depth d at index d-2. dtype: compute and output precision of the conv archs: float32 (fast) or float64.
+
+    lap: LAP sizes c (ints >= 0; needs "gap" in archs): adds "{kind}-lap{c}" from the same pass over displacements
+    and depths as GAP. flip: adds "{kind}-{name}-flip" = (K(x, y) + K(x, flip y)) / 2 for every other key, at the cost of
+    one more pass against mirrored column images. Without lap and flip the output is unchanged bit for bit.
+    Key names and definitions: docs/enhanced.md.
     """
     x, y = check_pair(x, y)
     archs = check_archs(archs)
     max_depth = check_depth(max_depth)
+    lap = check_lap(lap, archs)
+    flip = check_flip(flip)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     sym = y is None
     yy = x if sym else y
+    out = _conv_fc(x, yy, sym, archs, max_depth, dtype, lap)
+    if flip:
+        # K(x, flip y): on a diagonal tile it is symmetric too (mirror invariance, docs/enhanced.md), so the same
+        # upper-triangle-and-mirror scheme applies with the mirrored images as columns.
+        mirrored = _conv_fc(x, flip_images(yy), False, archs, max_depth, dtype, lap, mirror_sym=sym)
+        for key in list(out):
+            out[f"{key}-flip"] = ((out[key].astype(np.float64) + mirrored[key]) / 2).astype(dtype)
+    return {key: out[key] for key in output_keys(archs, lap, flip)}
+
+
+def _conv_fc(x, yy, sym, archs, max_depth, dtype, lap, mirror_sym=None):
+    """Plain and LAP blocks of (x, yy): {key: (max_depth-1, n, m)}. sym: yy is x, compute pairs a <= b and mirror.
+    mirror_sym (flip pass, sym False): yy is flip(x); conv pairs a <= b are computed and mirrored, since
+    K(x_b, flip x_a) = K(x_a, flip x_b); fc (cheap) computes the full square."""
+    tri = sym if mirror_sym is None else mirror_sym
     n, m, n_layers = len(x), len(yy), max_depth - 1
     lanes = _k.LANES
     width = -(-m // lanes) * lanes
     # row a meets column batches first_batch[a] .. end; a diagonal tile starts at the batch holding a, then mirrors.
-    first_batch = (np.arange(n) // lanes if sym else np.zeros(n, int)).astype(np.int64)
+    first_batch = (np.arange(n) // lanes if tri else np.zeros(n, int)).astype(np.int64)
     # interleave long and short rows (0, n-1, 1, n-2, ...) so contiguous parallel chunks carry equal work
     rows = np.empty(n, np.int64)
     rows[0::2], rows[1::2] = np.arange((n + 1) // 2), np.arange(n - 1, (n - 1) // 2, -1)
@@ -84,20 +108,25 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
         same = np.zeros((n, width), bool)
         same[:, :m] = same_images(x, yy)
         xs, rsx, sqx = _prepare(x, n_layers, dtype)
-        ys, rsy, sqy = (xs, rsx, sqx) if sym else _prepare(yy, n_layers, dtype)
+        ys, rsy, sqy = (xs, rsx, sqx) if yy is x else _prepare(yy, n_layers, dtype)
         ys, rsy, sqy = (_lanes_last(v, width) for v in (ys, rsy, sqy))
         consts = np.array([np.pi, 2.0 / 9.0 / (2 * np.pi)], dtype)
-        upper = np.triu(np.ones((n, n), bool)) if sym else None
+        upper = np.triu(np.ones((n, n), bool)) if tri else None
+        p, q = x.shape[1:3]
         for arch in conv:
+            lap_w = lap_weights(lap if arch == "gap" else (), p, q)
             with _LOCK:
-                ntk, nngp = _k.pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same,
-                                            arch == "gap", consts)
-            for kind, vals in (("ntk", ntk), ("nngp", nngp)):
+                ntk, nngp, lap_vals = _k.pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same,
+                                                      arch == "gap", consts, lap_w)
+            named = [(f"ntk-{arch}", ntk), (f"nngp-{arch}", nngp)]
+            for k, c in enumerate(lap if arch == "gap" else ()):
+                named += [(f"ntk-lap{c}", lap_vals[k, 0]), (f"nngp-lap{c}", lap_vals[k, 1])]
+            for key, vals in named:
                 block = vals[:, :, :m].astype(dtype)
-                if sym:
+                if tri:
                     block = np.where(upper, block, block.transpose(0, 2, 1))
-                out[f"{kind}-{arch}"] = block
+                out[key] = block
     if "fc" in archs:
         from .fc import fc_kernels
-        out.update(fc_kernels(x, y, max_depth=max_depth, dtype=dtype))
-    return {f"{kind}-{arch}": out[f"{kind}-{arch}"] for arch in archs for kind in ("ntk", "nngp")}
+        out.update(fc_kernels(x, None if sym else yy, max_depth=max_depth, dtype=dtype))
+    return out

@@ -59,48 +59,82 @@ def _layer_covariances(x, y, n_layers):
         sig_yy = tr_d(relu_expectations(sig_yy, s_prime, s_prime)[0])
 
 
-def cntk_pair(x: np.ndarray, y: np.ndarray, max_depth: int) -> dict[str, np.ndarray]:
-    """All kernels of one image pair for every depth 2..max_depth.
-
-    x, y: (P, Q, C) float images. Returns {"ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap"} -> (max_depth-1,)
-    float64; entry d-2 is the kernel of the net with d-1 conv layers (paper depth d).
-    """
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    n_layers = max_depth - 1
-    out = {k: np.zeros(n_layers) for k in ("ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap")}
+def final_layers(x: np.ndarray, y: np.ndarray, max_depth: int):
+    """Yields (depth, Theta_V, Theta_GAP, K) for depth 2..max_depth: the final-layer tensors (P,Q,P,Q) of the pair
+    (x, y) for the net of that depth (depth - 1 conv layers). Vanilla Theta^(L) = Kdot*Theta^(L-1) + K; GAP
+    Theta^(L) = Kdot*Theta^(L-1) (last layer fixed; Theta^(0) = 0, first layer fixed); K = K^(L) (the NNGP tensor).
+    x, y: (P, Q, C) float64."""
     theta_v = theta_g = None
-    for h, k, kdot, sigma_prev in _layer_covariances(x, y, n_layers):
+    for h, k, kdot, sigma_prev in _layer_covariances(x, y, max_depth - 1):
         if h == 1:
             theta_v, theta_g = sigma_prev, np.zeros_like(sigma_prev)  # Theta^(0): Sigma^(0) (vanilla), 0 (GAP)
-        # A net with L = h conv layers ends here: vanilla Theta^(L) = Kdot*Theta^(L-1) + K, traced on i=i', j=j';
-        # GAP Theta^(L) = Kdot*Theta^(L-1) (last layer fixed), averaged over all (i, j, i', j').
         final_v = kdot * theta_v + k
         final_g = kdot * theta_g
-        out["ntk-vanilla"][h - 1] = np.einsum("ijij->", final_v)
-        out["nngp-vanilla"][h - 1] = np.einsum("ijij->", k)
-        out["ntk-gap"][h - 1] = final_g.mean()
-        out["nngp-gap"][h - 1] = k.mean()
+        yield h + 1, final_v, final_g, k
         # Intermediate layers h < L: Theta^(h) = tr_D(Kdot * Theta^(h-1) + K) for both architectures.
         theta_v = tr_d(kdot * theta_v + k)
         theta_g = tr_d(kdot * theta_g + k)
+
+
+def lap_tensor(c: int, p: int, q: int) -> np.ndarray:
+    """LAP(c) weights as a full tensor W[i, j, i', j'] = t(i' - i) t(j' - j), t(d) = (1 - |d| / (2c+1))_+, (P,Q,P,Q)."""
+    t_row = np.maximum(1.0 - np.abs(np.subtract.outer(np.arange(p), np.arange(p))) / (2 * c + 1), 0.0)
+    t_col = np.maximum(1.0 - np.abs(np.subtract.outer(np.arange(q), np.arange(q))) / (2 * c + 1), 0.0)
+    return t_row[:, None, :, None] * t_col[None, :, None, :]
+
+
+def cntk_pair(x: np.ndarray, y: np.ndarray, max_depth: int, lap=()) -> dict[str, np.ndarray]:
+    """All kernels of one image pair for every depth 2..max_depth.
+
+    x, y: (P, Q, C) float images. Returns {"ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap"} and, for each c in
+    lap, {"ntk-lap{c}", "nngp-lap{c}"} -> (max_depth-1,) float64; entry d-2 is the kernel of the net with d-1 conv
+    layers (paper depth d). LAP(c) = sum over (p, p') of w_c(p' - p) Theta_GAP[p, p'] / (PQ)^2 (docs/enhanced.md).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n_layers = max_depth - 1
+    p, q = x.shape[:2]
+    weights = {c: lap_tensor(c, p, q) for c in lap}
+    keys = ["ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap"]
+    keys += [f"{kind}-lap{c}" for c in lap for kind in ("ntk", "nngp")]
+    out = {k: np.zeros(n_layers) for k in keys}
+    for depth, final_v, final_g, k in final_layers(x, y, max_depth):
+        # vanilla: traced on i=i', j=j'; GAP: averaged over all (i, j, i', j'); LAP: weighted average
+        out["ntk-vanilla"][depth - 2] = np.einsum("ijij->", final_v)
+        out["nngp-vanilla"][depth - 2] = np.einsum("ijij->", k)
+        out["ntk-gap"][depth - 2] = final_g.mean()
+        out["nngp-gap"][depth - 2] = k.mean()
+        for c, w in weights.items():
+            out[f"ntk-lap{c}"][depth - 2] = (w * final_g).sum() / (p * q) ** 2
+            out[f"nngp-lap{c}"][depth - 2] = (w * k).sum() / (p * q) ** 2
     return out
 
 
-def cntk_reference(x, y=None, *, max_depth: int, archs=("vanilla", "gap")) -> dict[str, np.ndarray]:
+def cntk_reference(x, y=None, *, max_depth: int, archs=("vanilla", "gap"), lap=(), flip=False) -> dict:
     """Brute-force CNTK blocks. x: (n,P,Q,C), y: (m,P,Q,C) or None (= x).
 
-    Returns {"{kind}-{arch}": float64 (max_depth-1, n, m)} for the requested conv archs.
+    lap: LAP sizes c (readouts of the GAP recursion); flip: add "{key}-flip" = (K(x, y) + K(x, y[:, :, ::-1])) / 2
+    for every key, with K(x, mirror y) evaluated by brute force (no symmetry used).
+    Returns {"{kind}-{arch}", "{kind}-lap{c}", "...-flip": float64 (max_depth-1, n, m)} for the requested conv archs.
     """
     x, y = check_pair(x, y)
     y = x if y is None else y
     max_depth = check_depth(max_depth)
+    lap = tuple(lap)
     keys = [f"{kind}-{arch}" for arch in archs for kind in ("ntk", "nngp")]
+    keys += [f"{kind}-lap{c}" for c in lap for kind in ("ntk", "nngp")]
     out = {k: np.zeros((max_depth - 1, len(x), len(y))) for k in keys}
+    mirrored = {k: np.zeros((max_depth - 1, len(x), len(y))) for k in keys} if flip else {}
     for a in range(len(x)):
         for b in range(len(y)):
-            pair = cntk_pair(x[a], y[b], max_depth)
+            pair = cntk_pair(x[a], y[b], max_depth, lap)
             for k in keys:
                 out[k][:, a, b] = pair[k]
+            if flip:
+                pair = cntk_pair(x[a], y[b][:, ::-1], max_depth, lap)
+                for k in keys:
+                    mirrored[k][:, a, b] = pair[k]
+    for k in mirrored:
+        out[f"{k}-flip"] = (out[k] + mirrored[k]) / 2
     return out
 
 

@@ -1,0 +1,62 @@
+"""Shared bits of the enhanced readouts (docs/enhanced.md): LAP(c) weights, the horizontal flip, input checks and the
+names of the output keys.
+
+Key names (every value is (max_depth - 1, n, m), depth d at index d - 2, like the plain kernels):
+    "{kind}-lap{c}"          LAP(c) readout of the GAP recursion, kind in ("ntk", "nngp"), e.g. "ntk-lap4"
+    "{kind}-{arch}-flip"     flip-averaged kernel of any plain key, e.g. "ntk-gap-flip", "nngp-vanilla-flip"
+    "{kind}-lap{c}-flip"     flip-averaged LAP(c), e.g. "ntk-lap4-flip"
+"""
+import numpy as np
+
+KINDS = ("ntk", "nngp")
+
+
+def check_lap(lap, archs) -> tuple[int, ...]:
+    """Validate the LAP sizes c (integers >= 0) against the requested architectures.
+
+    lap: an int or an iterable of ints (empty: no LAP); archs: validated tuple of architectures. LAP is a readout of
+    the GAP recursion, so "gap" must be among archs (vanilla and fc have no position pairs left to weight).
+    Returns the distinct c in the given order. Raises ValueError naming the problem and what is allowed.
+    """
+    if lap is None:
+        return ()
+    values = (lap,) if isinstance(lap, (int, np.integer)) else tuple(lap)
+    for c in values:
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise ValueError(f"lap sizes must be integers >= 0 (pixels of shift per axis), got {c!r} in {values!r}")
+    if values and "gap" not in archs:
+        raise ValueError(f"lap={list(values)} is a readout of the GAP recursion: add 'gap' to archs (got "
+                         f"{list(archs)}); 'vanilla' and 'fc' have no position pairs to weight")
+    return tuple(dict.fromkeys(int(c) for c in values))
+
+
+def check_flip(flip) -> bool:
+    if not isinstance(flip, (bool, np.bool_)):
+        raise ValueError(f"flip must be True or False, got {flip!r}")
+    return bool(flip)
+
+
+def triangle(c: int, delta: np.ndarray) -> np.ndarray:
+    """(1 - |delta| / (2c + 1))_+ in float64: the fraction of shift pairs (s, s') in [-c, c] with s' - s = delta."""
+    return np.maximum(1.0 - np.abs(delta) / (2.0 * c + 1.0), 0.0)
+
+
+def lap_weights(cs, p: int, q: int) -> np.ndarray:
+    """w_c(di, dj) for every true displacement: float64 (len(cs), 2p-1, 2q-1), [k, di + p - 1, dj + q - 1]."""
+    di, dj = np.arange(-(p - 1), p), np.arange(-(q - 1), q)
+    out = np.empty((len(cs), 2 * p - 1, 2 * q - 1))
+    for k, c in enumerate(cs):
+        out[k] = np.outer(triangle(c, di), triangle(c, dj))
+    return out
+
+
+def flip_images(x: np.ndarray) -> np.ndarray:
+    """Horizontal mirror of (n, P, Q, C) images: the column axis Q reversed (a contiguous copy)."""
+    return np.ascontiguousarray(x[:, :, ::-1, :])
+
+
+def output_keys(archs, lap=(), flip=False) -> list[str]:
+    """Keys a tile call returns, in order: plain, then LAP, then the flip-averaged copies of all of them."""
+    plain = [f"{kind}-{arch}" for arch in archs for kind in KINDS]
+    plain += [f"{kind}-lap{c}" for c in lap for kind in KINDS]
+    return plain + ([f"{k}-flip" for k in plain] if flip else [])
