@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def proc_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # scripts that call `dask` or `cntk` get this interpreter's environment, activated or not
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.update(extra)
     return env
