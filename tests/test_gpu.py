@@ -41,7 +41,10 @@ def _assert_close(got, want, what):
 def test_cuda_sources_compile_for_sm80_and_sm90():
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: CUDA compile check not possible here")
-    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True)
+    from cluster_procs import proc_env  # the script's `python` must be this interpreter, activated or not
+
+    run = subprocess.run(["bash", str(REPO / ".ci" / "check_cuda.sh")], capture_output=True, text=True,
+                         env=proc_env())
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("ok ") == 2 * len(list((REPO / "workers").glob("*.cu")))
 
