@@ -20,6 +20,7 @@ start() {
   echo $! > "$dir/scheduler.pid"
   for (( waited = 0; waited < 60; waited++ )); do
     [[ -s $dir/scheduler.json ]] && break
+    kill -0 "$(cat "$dir/scheduler.pid")" 2> /dev/null || break  # it exited: no use waiting
     sleep 1
   done
   [[ -s $dir/scheduler.json ]] || { echo "scheduler did not start; see $dir/scheduler.log" >&2; exit 1; }

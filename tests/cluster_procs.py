@@ -1,6 +1,9 @@
 """Helpers for tests that run real processes on loopback: the `cntk` CLI, a Dask scheduler, workers.
 
 Every process gets PYTHONPATH = the repository (the package need not be installed) and one numba thread.
+No helper here waits for a number of seconds: each waits for progress (a port that listens, workers that
+joined, completion records) and fails at once when a process it depends on has exited; the wall-clock
+bound of a whole test is pytest-timeout's (pyproject.toml).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def proc_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # scripts that call `dask` or `cntk` get this interpreter's environment, activated or not
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.update(extra)
     return env
@@ -31,9 +36,9 @@ def cntk_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cntk_gram.pipeline.cli", *map(str, args)]
 
 
-def cntk(*args: str, timeout: float = 120, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+def cntk(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     """Run `cntk ARGS` to completion; stdout and stderr merged into .stdout."""
-    return subprocess.run(cntk_command(*args), cwd=cwd or REPO, env=proc_env(**env), timeout=timeout,
+    return subprocess.run(cntk_command(*args), cwd=cwd or REPO, env=proc_env(**env),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -75,23 +80,40 @@ def start_worker(address: str, log: Path, *, preload: Path | None = None, **env:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for_port(port: int, *, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+POLL_S = 0.05  # how often a waiting helper looks again; never a limit
+
+
+def wait_until(condition, *, what: str, procs=()) -> None:
+    """Poll `condition()` until it is true. No time limit (pytest-timeout bounds the test), but a clear
+    failure naming `what` as soon as one of `procs` (subprocess.Popen) has exited: then it may never hold."""
+    while not condition():
+        for proc in procs:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"waiting for {what}: {proc.args[:4]}... exited with {proc.returncode}")
+        time.sleep(POLL_S)
+
+
+def wait_for_port(port: int, *, proc: subprocess.Popen | None = None) -> None:
+    def listens() -> bool:
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listens, what=f"a listener on port {port}", procs=[proc])
 
 
-def wait_for_workers(address: str, n: int, timeout: float = 90) -> None:
+def wait_for_workers(address: str, n: int, *, procs=()) -> None:
+    """Until the scheduler at `address` has n workers (it must be listening already)."""
     from distributed import Client
 
-    with Client(address, timeout="20s", set_as_default=False) as client:
-        client.wait_for_workers(n, timeout=timeout)
+    with Client(address, set_as_default=False) as client:
+        wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) >= n,
+                   what=f"{n} workers at {address}", procs=procs)
+
+
+def wait_for_records(store: Path, n: int, *, procs=()) -> set[tuple[int, int]]:
+    """Until the store has at least n tile completion records; returns the done tiles then."""
+    wait_until(lambda: len(done_tiles(store)) >= n, what=f"{n} completion records in {store}", procs=procs)
+    return done_tiles(store)
 
 
 def stop(*procs: subprocess.Popen | None) -> None:
@@ -114,6 +136,45 @@ class _ignore_gone:
         return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError))
 
 
+GATE_PRELOAD = REPO / "tests" / "tile_gate.py"  # a Dask worker preload
+
+
+class TileLog:
+    """The worker preload's view (tests/tile_gate.py): a log of tile starts and ends, a gate that caps the
+    number of starts, a hold file that parks finished tiles before their completion record."""
+
+    def __init__(self, tmp_path: Path):
+        self.path, self.gate, self.hold = tmp_path / "tiles.log", tmp_path / "tiles.gate", tmp_path / "tiles.hold"
+
+    def env(self) -> dict[str, str]:
+        """What a worker needs to load the preload and find the files."""
+        return {"CNTK_TILE_LOG": str(self.path), "CNTK_TILE_GATE": str(self.gate), "CNTK_TILE_HOLD": str(self.hold)}
+
+    def embedded_env(self) -> dict[str, str]:
+        """env() plus the preload for the workers of `cntk run`'s embedded cluster (Dask config by env)."""
+        return {**self.env(), "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{GATE_PRELOAD}"]'}
+
+    def starts(self) -> int:
+        return sum(event == "start" for event, _, _ in self.events())
+
+    def events(self) -> list[tuple[str, tuple[int, int], int]]:
+        """(event, tile, worker pid) for every complete line, in the order written."""
+        if not self.path.exists():
+            return []
+        events = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            parts = line.split()
+            if line.endswith("\n") and len(parts) == 4:
+                events.append((parts[0], (int(parts[1]), int(parts[2])), int(parts[3])))
+        return events
+
+    def allow_starts(self, n: float) -> None:
+        """Let at most n tile computations start in all (inf: no limit)."""
+        tmp = self.gate.with_suffix(".tmp")
+        tmp.write_text(str(n) if n != float("inf") else str(10**9))
+        tmp.replace(self.gate)
+
+
 def gram_arrays(store: Path) -> dict[str, np.ndarray]:
     """Every gram/{kernel}/depth-{D} array of a store, read whole (small test stores only)."""
     group = zarr.open_group(store, mode="r")
@@ -132,8 +193,11 @@ def assert_bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 
 
 def done_tiles(store: Path) -> set[tuple[int, int]]:
+    """Tiles with a complete record; none while the store is not created yet."""
     from cntk_gram.pipeline.store import tile_status
 
+    if not (Path(store) / "zarr.json").exists():
+        return set()
     return tile_status(store)[0]
 
 

@@ -13,7 +13,7 @@ import pytest
 from cntk_gram.pipeline.store import verify_tile
 
 from cluster_procs import (assert_bit_identical, cntk, done_tiles, finished_store, free_port, gram_arrays,
-                           start_scheduler, start_worker, stop, wait_for_workers, write_config)
+                           start_scheduler, start_worker, stop, wait_for_workers, wait_until, write_config)
 
 TILE = (0, 1)
 CHUNK = Path("gram/ntk-vanilla/depth-3/c/0/1")   # chunk of TILE in one of the store's arrays
@@ -104,9 +104,7 @@ def test_resume_recomputes_only_the_damaged_tile(tmp_path, pristine, scheduler_a
         result = cntk("submit", pristine[1], "--store", store, "--scheduler", scheduler_address)
         assert result.returncode == 0, result.stdout
         assert "submitted 1 of 5 tiles" in result.stdout, result.stdout
-        deadline = time.time() + 60
-        while verify_tile(store, TILE, deep=False) and time.time() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: not verify_tile(store, TILE, deep=False), what=f"tile {TILE} repaired by the cluster")
         assert done_tiles(store) == done_tiles(pristine[0])
     assert_bit_identical(gram_arrays(store), gram_arrays(pristine[0]))
     verify = cntk("verify", store)

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ from cntk_gram.pipeline.records import read_record
 from cntk_gram.pipeline.store import all_records, open_gram, prepare_store, tile_status
 from cntk_gram.workers.backends import get_backend
 from cntk_gram.workers.reference import cntk_reference, fc_reference
+
+from cluster_procs import TileLog, wait_for_records, wait_for_workers, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 train blocks + 2 test blocks of 20 images: 33 tiles of at most 400 pairs.
@@ -103,24 +104,25 @@ def test_sigkill_then_resume_is_bit_identical(cifar_root, reference_store, tmp_p
     store = tmp_path / "killed.zarr"
     config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
     command = [sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    records = store / "tiles" / "done"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if records.exists() and len([p for p in records.iterdir() if p.is_dir()]) >= 3:
-            break
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the CLI and its local-cluster worker processes
-    process.wait()
+    # the embedded cluster's worker may start only KILL_AFTER tiles (tests/tile_gate.py), so the kill lands
+    # part-way through the 33 tiles however fast or slow this machine is
+    KILL_AFTER, tiles = 3, TileLog(tmp_path)
+    tiles.allow_starts(KILL_AFTER)
+    process = subprocess.Popen(command, cwd=tmp_path, env={**subprocess_env(), **tiles.embedded_env()},
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_records(store, KILL_AFTER, procs=[process])
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the CLI and its local-cluster worker processes
+        process.wait()
     assert process.returncode == -signal.SIGKILL, process.stdout.read().decode()
+    assert tiles.starts() == KILL_AFTER  # the gate was in the embedded cluster's worker
 
     done_before, planned = tile_status(store)
-    assert 3 <= len(done_before) < len(planned), "the run was not interrupted part-way"
+    assert len(done_before) == KILL_AFTER < len(planned), "the run was not interrupted part-way"
     records_before = {t: read_record(store, t) for t in done_before}
 
-    resumed = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     expected_line = f"tiles     {len(planned) - len(done_before)} computed"
     assert expected_line in resumed.stdout, resumed.stdout
@@ -143,9 +145,7 @@ def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store
                                 env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)]
     try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(scheduler_file.exists, what="the scheduler file", procs=started)
         address = json.loads(scheduler_file.read_text())["address"]
         for name in ("w1", "w2"):
             started.append(subprocess.Popen(
@@ -153,14 +153,12 @@ def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store
                  "--nworkers", "1", "--name", name, "--no-dashboard"],
                 env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
-        from distributed import Client
-        with Client(address, timeout="20s") as client:
-            client.wait_for_workers(2, timeout=60)
+        wait_for_workers(address, 2, procs=started)
         store = tmp_path / "cluster.zarr"
         config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
         result = subprocess.run([sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress",
                                  "--scheduler", address], cwd=tmp_path, env=env, capture_output=True,
-                                text=True, timeout=300)
+                                text=True)
         assert result.returncode == 0, result.stderr
     finally:
         for process in started:  # each in its own session: the group holds the nanny and its worker
