@@ -10,8 +10,7 @@ The public façade. Everything else lives in two subpackages:
     config = cntk_gram.load_config("configs/quickstart.yaml")
     summary = cntk_gram.run(config)                       # compute or resume the store
     gram = cntk_gram.open_gram(config.store, "ntk-vanilla", 11)   # lazy (N, N) dask array
-    rows = cntk_gram.solve_store(config.store)            # accuracies per kernel and depth
-    cntk_gram.write_report(rows, out_dir="report", title="quickstart")
+    solved = cntk_gram.solve_and_report(config.store, out="report")   # accuracies + report files
 
 Names resolve on first use, so `import cntk_gram` stays cheap (no Dask, Zarr or numba until needed).
 """
@@ -40,6 +39,7 @@ _EXPORTS = {
     "open_gram": ("cntk_gram.pipeline.store", "open_gram"),
     "solve_store": ("cntk_gram.pipeline.solve", "solve_store"),
     "write_report": ("cntk_gram.pipeline.report", "write_report"),
+    "solve_and_report": ("cntk_gram.pipeline.experiment", "solve_and_report"),
     "kernel_block": ("cntk_gram.workers", "kernel_block"),
     "UserError": ("cntk_gram.pipeline.errors", "UserError"),
 }

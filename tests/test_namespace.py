@@ -37,3 +37,12 @@ def test_namespace_from_the_repository_root():
     found = _probe(REPO)
     assert Path(found["pipeline"]).resolve() == REPO / "pipeline" / "cli.py"
     assert Path(found["workers"]).resolve() == REPO / "workers" / "cpu.py"
+
+
+def test_every_facade_name_resolves_to_a_callable_of_the_package():
+    import cntk_gram
+
+    for name in cntk_gram.__all__:
+        value = getattr(cntk_gram, name)
+        assert callable(value) and value.__module__.startswith("cntk_gram."), name
+    assert not hasattr(cntk_gram, "no_such_name")
