@@ -218,9 +218,10 @@ def find_tool(name: str) -> str | None:
     return None
 
 
-def count_sass(*, sm: str = "sm_90") -> dict | None:
+def count_sass(*, sm: str = "sm_90", lap_count: int = 0) -> dict | None:
     """Instructions per entry-layer counted from the SASS of each tile kernel's layer loop (the backward branch whose
-    body holds the most MUFU), divided by its 32 unrolled rows. None when nvcc or cuobjdump is missing."""
+    body holds the most MUFU), divided by its 32 unrolled rows. lap_count > 0: the LAP build (-DLAP_COUNT), its GAP
+    kernel only, under the key "gap". None when nvcc or cuobjdump is missing."""
     cuobjdump = find_tool("cuobjdump")
     if not (shutil.which("nvcc") and cuobjdump):
         return None
@@ -230,9 +231,10 @@ def count_sass(*, sm: str = "sm_90") -> dict | None:
     env = {**os.environ, "PATH": f"{Path(cuobjdump).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "tile.cubin"
-        subprocess.run(["nvcc", *gpu.compile_options(), f"-arch={sm}", "--cubin", "-o", str(cubin),
-                        str(gpu.KERNEL_SOURCE)], check=True)
-        for arch, name in gpu.KERNEL_NAMES.items():
+        subprocess.run(["nvcc", *gpu.compile_options(gpu.module_options(lap_count)), f"-arch={sm}", "--cubin",
+                        "-o", str(cubin), str(gpu.KERNEL_SOURCE)], check=True)
+        names = gpu.KERNEL_NAMES if lap_count == 0 else {"gap": gpu.KERNEL_NAMES["gap"]}
+        for arch, name in names.items():
             sass = subprocess.run([cuobjdump, "-sass", "-fun", name, str(cubin)], check=True, text=True,
                                   capture_output=True, env=env).stdout
             rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;(.*)", sass)
@@ -268,6 +270,21 @@ def sass_summary(*, sm: str = "sm_90") -> dict | None:
     return out
 
 
+def lap_sass_summary(*, sm: str = "sm_90") -> dict | None:
+    """SASS count of the LAP builds' GAP kernel for each LAP_COUNT in gpu.LAP_INSTR_PER_ENTRY_LAYER, beside the
+    recorded numbers (docs/gpu.md, "LAP and flip"); `agrees` as in sass_summary. None when tools are missing."""
+    out = {}
+    for count, recorded in gpu.LAP_INSTR_PER_ENTRY_LAYER.items():
+        counted = count_sass(sm=sm, lap_count=count)
+        if counted is None:
+            return None
+        c = counted["gap"]["per_entry_layer"]
+        out[count] = {"sass_per_entry_layer": round(c, 2), "recorded_per_entry_layer": recorded,
+                      "ratio_to_gap": round(c / gpu.INSTR_PER_ENTRY_LAYER["gap"], 3),
+                      "agrees": abs(c - recorded) <= 0.5}
+    return out
+
+
 def check_sass() -> int:
     """Print the SASS count beside the launcher's numbers; 0 when they agree, 1 when not, 3 when tools are missing."""
     summary = sass_summary()
@@ -279,7 +296,11 @@ def check_sass() -> int:
         print(f"check-sass: {'ok  ' if s['agrees'] else 'FAIL'} {arch}: SASS {s['sass_per_entry_layer']} "
               f"instructions per entry-layer ({s['sass_fp32_pipe']} FP32 pipe), launcher uses "
               f"{s['launcher_per_entry_layer']} ({s['launcher_fp32_pipe']})")
-    return 0 if all(s["agrees"] for s in summary.values()) else 1
+    lap = lap_sass_summary() or {}
+    for count, s in lap.items():
+        print(f"check-sass: {'ok  ' if s['agrees'] else 'FAIL'} gap LAP_COUNT={count}: SASS "
+              f"{s['sass_per_entry_layer']} instructions per entry-layer, recorded {s['recorded_per_entry_layer']}")
+    return 0 if all(s["agrees"] for s in (*summary.values(), *lap.values())) else 1
 
 
 def accuracy(*, max_depth: int = 21, seed: int = 1, backend: str = "gpu") -> dict:

@@ -86,7 +86,10 @@ def test_sass_guard_fails_when_the_launcher_count_is_off(monkeypatch):
 def test_compile_options_match_source_defaults():
     source = gpu.KERNEL_SOURCE.read_text()
     defaults = dict(re.findall(r"#define (\w+) (\d+)\n#endif", source))
+    assert defaults.pop("LAP_COUNT") == "0"          # the plain build; LAP builds add -DLAP_COUNT (module_options)
     assert {k: int(v) for k, v in defaults.items()} == dict(gpu.DEFAULT_OPTIONS)
+    assert gpu.module_options(0) == gpu.DEFAULT_OPTIONS
+    assert gpu.module_options(3) == gpu.DEFAULT_OPTIONS + (("LAP_COUNT", 3),)
     assert gpu.compile_options()[:2] == ("-std=c++17", "-ftz=true")
     assert "-DMAX_LAYERS=32" in gpu.compile_options()
 
@@ -468,7 +471,8 @@ std::vector<unsigned> range(long long n, long long per_block) {
     std::vector<unsigned> blocks; for (long long b = 0; b * per_block < n; ++b) blocks.push_back((unsigned)b); return blocks;
 }
 // usage: emulate n_x n_y layers n_pairs vanilla              (n_y = 0: y images = x images, shared maps)
-//        emulate n_x n_y layers n_pairs gap BLOCK...        (the CUDA blocks of the GAP grid to run)
+//        emulate n_x n_y layers n_pairs gap BLOCK...        (the CUDA blocks of the GAP grid to run; a -DLAP_COUNT
+//                                                            build reads lap_table.bin and writes GAP_SLOTS sums)
 //        emulate 0 0 layers n_pairs scatter rows cols row0 col0 mirror scale
 // files: x.bin, y.bin (n, 32, 32, 3) float32, pair_x.bin, pair_y.bin int32, pair_self.bin uint8 -> out.bin
 // (n_pairs, layers, 2) float64; scatter: sums.bin (n_pairs, layers, 2) float64 into result.bin (2, layers, rows,
@@ -481,9 +485,9 @@ int main(int argc, char** argv) {
         const int rows = atoi(argv[6]), cols = atoi(argv[7]), row0 = atoi(argv[8]), col0 = atoi(argv[9]);
         const int mirror = atoi(argv[10]);
         const double scale = atof(argv[11]);
-        auto sums = load<double>("sums.bin", (size_t)n_pairs * layers * 2);
-        auto result = load<float>("result.bin", (size_t)2 * layers * rows * cols);
-        launch(scatter_pairs, range((long long)n_pairs * 2 * layers, 256), 256, (const double*)sums.data(),
+        auto sums = load<double>("sums.bin", (size_t)n_pairs * layers * GAP_SLOTS);
+        auto result = load<float>("result.bin", (size_t)GAP_SLOTS * layers * rows * cols);
+        launch(scatter_pairs, range((long long)n_pairs * GAP_SLOTS * layers, 256), 256, (const double*)sums.data(),
                (const int*)px.data(), (const int*)py.data(), n_pairs, layers, scale, row0, col0, rows, cols, mirror,
                result.data());
         save("result.bin", result);
@@ -499,10 +503,23 @@ int main(int argc, char** argv) {
     std::vector<unsigned> blocks;
     if (mode == 'g') for (int k = 6; k < argc; ++k) blocks.push_back(atoi(argv[k]));
     else blocks = range(n_pairs, WARPS_PER_BLOCK);
-    std::vector<double> out((size_t)n_pairs * layers * 2, 0.0);
-    launch(mode == 'g' ? cntk_gap_tile : cntk_vanilla_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)x.data(),
-           (const float*)y.data(), (const float2*)x_maps.data(), ym, (const int*)px.data(),
-           (const int*)py.data(), (const unsigned char*)self.data(), n_pairs, layers, out.data());
+    std::vector<double> out((size_t)n_pairs * layers * (mode == 'g' ? GAP_SLOTS : 2), 0.0);
+    if (mode == 'g') {
+#if LAP_COUNT > 0
+        auto table = load<double>("lap_table.bin", (size_t)LAP_COUNT * LAP_TABLE);
+#endif
+        launch(cntk_gap_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)x.data(), (const float*)y.data(),
+               (const float2*)x_maps.data(), ym, (const int*)px.data(), (const int*)py.data(),
+               (const unsigned char*)self.data(), n_pairs, layers,
+#if LAP_COUNT > 0
+               (const double*)table.data(),
+#endif
+               out.data());
+    } else {
+        launch(cntk_vanilla_tile, blocks, WARPS_PER_BLOCK * 32, (const float*)x.data(), (const float*)y.data(),
+               (const float2*)x_maps.data(), ym, (const int*)px.data(), (const int*)py.data(),
+               (const unsigned char*)self.data(), n_pairs, layers, out.data());
+    }
     save("out.bin", out);
     return 0;
 }
@@ -512,17 +529,33 @@ int main(int argc, char** argv) {
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """cntk_tile.cu built for the host with HOST_SHIM; runs (images, pairs, self flags, mode, gap blocks) -> out."""
+    return _build_emulator(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+LAP_SIZES = (0, 1, 5)
+
+
+@pytest.fixture(scope="module")
+def lap_emulator(tmp_path_factory):
+    """The -DLAP_COUNT=3 build (module_options) for LAP_SIZES; its GAP mode returns (n_pairs, layers, 8) sums."""
+    return _build_emulator(tmp_path_factory.mktemp("cuda_emulation_lap"), lap=LAP_SIZES)
+
+
+def _build_emulator(work, lap=()):
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("g++ not installed: host emulation of the CUDA kernels not possible here")
-    work = tmp_path_factory.mktemp("cuda_emulation")
     (work / "emulate.cpp").write_text(HOST_SHIM)
-    options = [o for o in gpu.compile_options() if o.startswith("-D")]
+    options = [o for o in gpu.compile_options(gpu.module_options(len(lap))) if o.startswith("-D")]
     subprocess.run([compiler, "-std=c++20", "-O1", *options, f"-I{REPO / 'workers'}", "-o", str(work / "emulate"),
                     str(work / "emulate.cpp"), "-lpthread"], check=True)
+    if lap:
+        gpu.lap_table(lap).tofile(work / "lap_table.bin")
+    slots = 2 * (1 + len(lap))
 
     def run(images, pairs, same, *, layers, mode, blocks=(), y_images=None):
-        """Tile kernel over `pairs` (a into images, b into y_images or images): (n_pairs, layers, 2) float64."""
+        """Tile kernel over `pairs` (a into images, b into y_images or images): (n_pairs, layers, slots) float64
+        (slots 2, or 2 (1 + len(lap)) for the GAP kernel of a LAP build)."""
         images.astype(np.float32).tofile(work / "x.bin")
         if y_images is not None:
             y_images.astype(np.float32).tofile(work / "y.bin")
@@ -531,7 +564,7 @@ def emulator(tmp_path_factory):
         n_y = 0 if y_images is None else len(y_images)
         subprocess.run([str(work / "emulate"), str(len(images)), str(n_y), str(layers), str(len(pairs)), mode,
                         *map(str, blocks)], cwd=work, check=True)
-        return np.fromfile(work / "out.bin", np.float64).reshape(len(pairs), layers, 2)
+        return np.fromfile(work / "out.bin", np.float64).reshape(len(pairs), layers, -1)
 
     def scatter(sums, pairs, result, *, row0, col0, mirror, scale):
         """scatter_pairs of (n_pairs, layers, 2) sums into a copy of result (2, layers, rows, cols) float32."""
@@ -622,6 +655,163 @@ def test_emulated_scatter_places_pairs_into_the_tile_result(emulator, rng):
             ref = 0.5 * want[a, "x", b][f"{kind}-vanilla"]
             _assert_close(got[k, :, 1 + a, 1 + b], ref, f"{kind} diagonal {a},{b}")
             _assert_close(got[k, :, 1 + b, 1 + a], ref, f"{kind} mirrored {b},{a}")
+
+
+def _lap_block_sums(x, a, b, layers, displacement_blocks, lap):
+    """float64 brute force of what the LAP build's GAP kernel sums over the given displacement blocks: per layer,
+    [ntk, nngp, then ntk, nngp of each c], every entry weighted by w_c of its true displacement (p' - p, computed
+    here from the unwrapped positions, not from the kernel's cut-line rule)."""
+    i, j = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    want = np.zeros((layers, 2 + 2 * len(lap)))
+    theta = None
+    for h, k, kdot, sigma in _layer_covariances(x[a].astype(np.float64), x[b].astype(np.float64), layers):
+        theta = np.zeros_like(sigma) if h == 1 else theta
+        for ci, cj in displacement_blocks:
+            i2, j2 = (i + ci) % 32, (j + cj) % 32
+            entries = (i, j, i2, j2)
+            values = ((kdot * theta)[entries], k[entries])
+            want[h - 1, :2] += [v.sum() for v in values]
+            for r, c in enumerate(lap):
+                w = np.maximum(1 - np.abs(i2 - i) / (2 * c + 1), 0) * np.maximum(1 - np.abs(j2 - j) / (2 * c + 1), 0)
+                want[h - 1, 2 + 2 * r:4 + 2 * r] += [(w * v).sum() for v in values]
+        theta = tr_d(kdot * theta + k)
+    return want
+
+
+def test_emulated_lap_kernel_blocks_match_reference(emulator, lap_emulator, rng):
+    """The LAP build's GAP kernel on the host (LAP_SIZES = 0, 1, 5), CUDA blocks whose displacement blocks have
+    ci = 0 (no row cut), 15, 31 (cut after the first row) and cj = 0..7 (no column cut at cj = 0), 24..31 (cut at the
+    last lane at cj = 31): its weighted sums vs float64 brute force with each entry's own displacement, for a pair
+    and an image with itself; its plain GAP sums bit-identical to the plain build's."""
+    x = _images(rng, 2)
+    warps = dict(gpu.DEFAULT_OPTIONS)["WARPS_PER_BLOCK"]
+    cuda_blocks = [0, 3, 60, 63, 124, 127]
+    layers = 3
+    displacement_blocks = [divmod(c * warps + w, 32) for c in cuda_blocks for w in range(warps)]
+    for (a, b), same in (((0, 1), 0), ((1, 1), 1)):
+        out = lap_emulator(x, [(a, b)], [same], layers=layers, mode="gap", blocks=cuda_blocks)[0]
+        assert out.shape == (layers, 2 + 2 * len(LAP_SIZES))
+        plain = emulator(x, [(a, b)], [same], layers=layers, mode="gap", blocks=cuda_blocks)[0]
+        assert np.array_equal(out[:, :2], plain), "GAP sums of the LAP build differ from the plain build"
+        want = _lap_block_sums(x, a, b, layers, displacement_blocks, LAP_SIZES)
+        for r, c in enumerate(LAP_SIZES):
+            assert np.all(out[0, 2 + 2 * r] == 0.0)                        # NTK at depth 2: Theta0 = 0
+            _assert_close(out[1:, 2 + 2 * r], want[1:, 2 + 2 * r], f"ntk-lap{c} block sums {a},{b}")
+            _assert_close(out[:, 3 + 2 * r], want[:, 3 + 2 * r], f"nngp-lap{c} block sums {a},{b}")
+        assert want[:, 3].min() > 0 and want[:, 5].min() > 0      # c = 0 and 1 are not vacuous on these blocks
+
+
+def test_lap_block_oracle_over_all_blocks_is_cntk_reference(rng):
+    """Ties the block oracle of the emulation test to the reference's LAP definition: _lap_block_sums over all 1024
+    displacement blocks, scaled by 2^-20, equals cntk_reference(lap=LAP_SIZES) (float64 both). (Emulating all 128
+    CUDA blocks of a pair takes ~80 s on two cores; the GPU tests compare whole pairs on the device.)"""
+    x = _images(rng, 2)
+    sums = _lap_block_sums(x, 0, 1, 2, [divmod(k, 32) for k in range(1024)], LAP_SIZES) / 2 ** 20
+    want = cntk_reference(x[:1], x[1:], max_depth=3, archs=("gap",), lap=LAP_SIZES)
+    keys = ["ntk-gap", "nngp-gap"] + [f"{kind}-lap{c}" for c in LAP_SIZES for kind in ("ntk", "nngp")]
+    for s, key in enumerate(keys):
+        np.testing.assert_allclose(sums[:, s], want[key][:, 0, 0], rtol=1e-12, atol=1e-300, err_msg=key)
+
+
+def test_emulated_lap_scatter_places_every_slot(lap_emulator, rng):
+    """The LAP build's scatter_pairs reads (count, layers, 8) sums into an (8, layers, rows, cols) result."""
+    layers, pairs = 2, [(0, 1), (1, 0), (1, 1)]
+    sums = rng.standard_normal((len(pairs), layers, 8))
+    got = lap_emulator.scatter(sums, pairs, np.zeros((8, layers, 3, 3), np.float32), row0=1, col0=1, mirror=False,
+                               scale=0.25)
+    for p, (a, b) in enumerate(pairs):
+        np.testing.assert_array_equal(got[:, :, 1 + a, 1 + b], (0.25 * sums[p].T).astype(np.float32))
+    assert np.count_nonzero(got) == len(pairs) * 8 * layers
+
+
+def _tagged(n, base):
+    """Images tagged for the fake kernels: pixel [0, 0, 0] = base + index (what diag_maps stores), [0, 31, 0] =
+    that + 0.5, so a mirrored image carries tag + 0.5."""
+    x = np.zeros((n, 32, 32, 3), np.float32)
+    x[:, 0, 0, 0] = base + np.arange(n)
+    x[:, 0, 31, 0] = base + np.arange(n) + 0.5
+    return x
+
+
+def _fake_lap_gap(grid, block, args):
+    """Fake GAP kernel of a LAP build: ntk = tag as the default fake, nngp = self flag, ntk of the r-th c =
+    (r + 2) * tag, nngp of the r-th c = t_c(1) read from the lap_table argument."""
+    x, y, x_maps, y_maps, pa, pb, same, count, layers, table, out = args
+    assert grid[0] == int(count) * 128 and out.shape[2] == 2 + 2 * len(table)
+    tags = (1000 * np.asarray(x_maps)[pa, 0, 0, 0, 0][:, None] + np.asarray(y_maps)[pb, 0, 0, 0, 0][:, None]
+            + np.arange(int(layers)))
+    out[..., 0] += tags
+    out[..., 1] += np.asarray(same)[:, None]
+    for r in range(len(table)):
+        out[..., 2 + 2 * r] += (r + 2) * tags
+        out[..., 3 + 2 * r] += np.asarray(table)[r, gpu.SIDE + 1]
+
+
+def test_launcher_lap_and_flip_keys_and_assembly_with_fake_cupy(monkeypatch):
+    """tile_kernels(lap=, flip=) through the launcher with fake kernels that tag pairs: the CPU backend's keys in
+    its order and shapes; LAP slots land under their c with the right weight table; flip is the mean of the plain
+    tile and a pass against the mirrored column images (diagonal tiles: a <= b computed, then mirrored, so the
+    lower triangle holds K(x_b, flip x_a)), also when the tile is cut into sub-tiles; fc gets flip on the host."""
+    fake = _fake_cupy(monkeypatch, {"cntk_gap_tile": _fake_lap_gap})
+    _force_chunk(monkeypatch, 2, 5, 5, 2)
+    x, y = _tagged(5, 0), _tagged(3, 100)
+    lap = (4, 0)
+    h = np.arange(2)[:, None, None]
+    scale = 2.0 ** -20
+    t1 = {4: 1 - 1 / 9, 0: 0.0}
+    plain_keys = ["ntk-gap", "nngp-gap", "ntk-fc", "nngp-fc", "ntk-lap4", "nngp-lap4", "ntk-lap0", "nngp-lap0"]
+    for yy in (y, None):
+        got = gpu.tile_kernels(x, yy, archs=("gap", "fc"), max_depth=3, lap=lap, flip=True)
+        cols = x if yy is None else yy
+        assert list(got) == plain_keys + [f"{k}-flip" for k in plain_keys]     # the CPU backend's keys and order
+        for key, value in got.items():
+            assert value.shape == (2, 5, len(cols)) and value.dtype == np.float32, key
+        ia, ib = x[:, 0, 0, 0][:, None], cols[:, 0, 0, 0][None, :]
+        if yy is None:   # computed for a <= b and mirrored
+            plain = 1000 * np.minimum(ia, ib) + np.maximum(ia, ib) + h
+            mirrored = plain + 0.5
+        else:
+            plain = 1000 * ia + ib + h
+            mirrored = plain + 0.5
+        np.testing.assert_allclose(got["ntk-gap"], plain * scale, rtol=1e-6)
+        np.testing.assert_allclose(got["ntk-gap-flip"], (plain + mirrored) / 2 * scale, rtol=1e-6)
+        for r, c in enumerate(lap):
+            np.testing.assert_allclose(got[f"ntk-lap{c}"], (r + 2) * plain * scale, rtol=1e-6)
+            np.testing.assert_allclose(got[f"ntk-lap{c}-flip"], (r + 2) * (plain + mirrored) / 2 * scale, rtol=1e-6)
+            np.testing.assert_allclose(got[f"nngp-lap{c}"], np.full((2, 5, len(cols)), t1[c] * scale), rtol=1e-6)
+        same = gpu.same_images(x, cols).astype(float)
+        np.testing.assert_allclose(got["nngp-gap"][0], same * scale)
+        np.testing.assert_allclose(got["nngp-gap-flip"][0], same / 2 * scale)   # no image equals a mirrored one
+        from cntk_gram.workers.fc import fc_kernels
+        from cntk_gram.workers.enhanced import flip_images
+        fc_flip = fc_kernels(x, flip_images(cols), max_depth=3)["ntk-fc"]
+        np.testing.assert_allclose(got["ntk-fc-flip"], (got["ntk-fc"].astype(np.float64) + fc_flip) / 2, rtol=1e-6)
+        assert not np.allclose(got["ntk-fc-flip"], got["ntk-fc"])
+    assert fake.errors == []
+
+
+def test_launcher_flip_on_diagonal_tile_uploads_mirrored_columns(monkeypatch):
+    """A diagonal tile's flip pass must upload the mirrored images as columns (the plain diagonal pass shares the
+    row images): the fake vanilla kernel sees distinct y images with tags + 0.5, and the plain pass sees none."""
+    seen = []
+
+    def vanilla(grid, block, args):
+        x, y, x_maps, y_maps, pa, pb, same, count, layers, out = args
+        seen.append((x is y, np.asarray(y_maps)[:, 0, 0, 0, 0].tolist()))
+        out[..., 0] = 1000 * np.asarray(x_maps)[pa, 0, 0, 0, 0][:, None] + np.asarray(y_maps)[pb, 0, 0, 0, 0][:, None]
+        out[..., 1] = 0
+    _fake_cupy(monkeypatch, {"cntk_vanilla_tile": vanilla})
+    _force_chunk(monkeypatch, 3, 3, 3, 1)
+    x = _tagged(3, 0)
+    got = gpu.tile_kernels(x, archs=("vanilla",), max_depth=2, flip=True)
+    assert seen == [(True, [0.0, 1.0, 2.0]), (False, [0.5, 1.5, 2.5])]
+    a, b = np.arange(3)[:, None], np.arange(3)[None, :]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    np.testing.assert_allclose(got["ntk-vanilla-flip"][0], 1000 * lo + hi + 0.25)
+    with pytest.raises(ValueError, match="at most 8 LAP sizes"):
+        gpu.tile_kernels(x, archs=("gap",), max_depth=2, lap=range(9))
+    with pytest.raises(ValueError, match="add 'gap' to archs"):
+        gpu.tile_kernels(x, archs=("vanilla",), max_depth=2, lap=2)
 
 
 # ---------------------------------------------------------------- GPU
@@ -792,3 +982,48 @@ def test_gpu_tile_through_local_cuda_cluster(rng):
     want = cntk_reference(x, y, max_depth=4, archs=("vanilla", "gap"))
     for key in want:
         _assert_close(got[key], want[key], f"{key} via LocalCUDACluster")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_lap_and_flip_match_reference(rng):
+    """LAP (c = 0, 1, 3, 8) and flip on the real GPU at depths 2..6, diagonal and ragged tiles (with duplicates and
+    a mirrored duplicate) vs the float64 reference; the plain keys equal a run without lap and flip bit for bit."""
+    x, y = _images(rng, 3), _images(rng, 2)
+    x[2] = x[0]
+    y[1] = x[1][:, ::-1]                 # a mirrored copy: rho = 1 on the flip pass
+    lap = (0, 1, 3, 8)
+    for yy in (None, y):
+        got = gpu.tile_kernels(x, yy, archs=("gap", "vanilla"), max_depth=6, lap=lap, flip=True)
+        want = cntk_reference(x, yy, max_depth=6, archs=("gap", "vanilla"), lap=lap, flip=True)
+        assert list(got) == list(want)
+        for key in want:
+            _assert_close(got[key], want[key], key)
+            if yy is None:
+                assert np.array_equal(got[key], got[key].transpose(0, 2, 1)), f"{key} not symmetric"
+        plain = gpu.tile_kernels(x, yy, archs=("gap", "vanilla"), max_depth=6)
+        for key in plain:
+            assert np.array_equal(got[key], plain[key]), key
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_lap_and_flip_depth_21_match_reference(rng):
+    """Depths 2..21 for LAP (c = 2, 4) and flip, a 1 x 2 tile (one column image the mirror of the row image)."""
+    x, y = _images(rng, 1), _images(rng, 2)
+    y[1] = x[0][:, ::-1]
+    got = gpu.tile_kernels(x, y, archs=("gap",), max_depth=21, lap=(2, 4), flip=True)
+    want = cntk_reference(x, y, max_depth=21, archs=("gap",), lap=(2, 4), flip=True)
+    for key in want:
+        _assert_close(got[key], want[key], f"{key} depth 2..21")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_kernel_block_passes_lap_and_flip(rng):
+    from cntk_gram.workers import kernel_block
+    x = _images(rng, 2)
+    got = kernel_block(x, archs=("gap",), max_depth=3, backend="gpu", lap=(1,), flip=True)
+    want = cntk_reference(x, max_depth=3, archs=("gap",), lap=(1,), flip=True)
+    for key in want:
+        _assert_close(got[key], want[key], key)

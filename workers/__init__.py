@@ -8,7 +8,7 @@ Public API (shapes: images are (n, P, Q, C) floats, preprocessed; kernels are (m
 
 `archs`: "vanilla" (CNTK-V, all layers trained), "gap" (CNTK-GAP, Appendix H), "fc" (fully-connected ReLU NTK/NNGP on
 flattened images). Each comes with its NNGP ("nngp-{arch}") from the same pass. Depth d is at index d - 2.
-Enhanced readouts (docs/enhanced.md, CPU backend): lap=(2, 4) adds "ntk-lap2", "nngp-lap2", ... (needs "gap");
+Enhanced readouts (docs/enhanced.md, CPU and GPU backends): lap=(2, 4) adds "ntk-lap2", "nngp-lap2", ... (needs "gap");
 flip=True adds "{key}-flip" for every key. ZCA: params = zca_fit(train, epsilon); zca_apply(images, params).
 """
 import numpy as np
@@ -27,14 +27,11 @@ def kernel_block(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, ba
 
     x: (n, P, Q, C), y: (m, P, Q, C) or None (the Gram of x with itself). backend: "auto", "cpu" or "gpu" (GPU needs
     32x32 images). dtype (CPU only): float32 (fast) or float64. Returns {"{kind}-{arch}": (max_depth-1, n, m)}.
-    lap, flip (CPU only for now): LAP(c) readouts and flip-averaged kernels, keys in docs/enhanced.md.
+    lap, flip: LAP(c) readouts and flip-averaged kernels (both backends), keys in docs/enhanced.md.
     Raises ValueError naming the problem for bad shapes, non-finite pixels, depth < 2 or an unknown architecture.
     """
     name = resolve_backend(backend)
     if name == "cpu":
         return get_backend("cpu").tile_kernels(x, y, archs=archs, max_depth=max_depth, dtype=dtype, lap=lap,
                                                flip=flip)
-    if flip or (lap is not None and not (hasattr(lap, "__len__") and len(lap) == 0)):
-        raise ValueError(f"lap and flip are implemented on the cpu backend only so far, not on {name!r}; "
-                         "use backend='cpu'")
-    return get_backend(name).tile_kernels(x, y, archs=archs, max_depth=max_depth)
+    return get_backend(name).tile_kernels(x, y, archs=archs, max_depth=max_depth, lap=lap, flip=flip)

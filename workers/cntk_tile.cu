@@ -14,6 +14,10 @@
 //                    CUDA blocks.
 //   MIN_BLOCKS_PER_SM second __launch_bounds__ argument of the tile kernels (default 2): caps registers per thread.
 //   MAX_LAYERS       largest number of conv layers L = max_depth - 1 (default 32); sizes the shared accumulators.
+//   LAP_COUNT        number of LAP(c) readouts the GAP kernel adds (default 0, at most 8; docs/enhanced.md). With 0
+//                    the module is the plain one, instruction for instruction. With k > 0 cntk_gap_tile takes one
+//                    more argument, lap_table, and writes GAP_SLOTS = 2 (1 + k) sums per pair and layer; the same
+//                    build's scatter_pairs reads that layout (the launcher runs vanilla from the plain build).
 //
 // Self-contained on purpose (no CUDA or CuPy headers): NVRTC through cupy.RawModule and nvcc both compile it.
 
@@ -29,6 +33,9 @@
 #ifndef MAX_LAYERS
 #define MAX_LAYERS 32
 #endif
+#ifndef LAP_COUNT
+#define LAP_COUNT 0
+#endif
 
 #define SIDE 32
 #define CHANNELS 3
@@ -41,6 +48,13 @@
 #if (SIDE * SIDE) % (WARPS_PER_BLOCK * BLOCKS_PER_WARP) != 0
 #error "WARPS_PER_BLOCK * BLOCKS_PER_WARP must divide 1024"
 #endif
+#if LAP_COUNT < 0 || LAP_COUNT > 8
+#error "LAP_COUNT must be 0..8 (the shared accumulators grow with it)"
+#endif
+// float64 sums per pair and layer of the GAP kernel: ntk, nngp, then ntk, nngp of each LAP(c)
+#define GAP_SLOTS (2 * (1 + LAP_COUNT))
+#define LAP_TABLE (2 * SIDE)              // lap_table row: t_c(d) at index d + SIDE, d = -SIDE..SIDE-1
+#define QUAD 8                            // LAP scratch per layer: total, top, left, top_left for ntk, then nngp
 
 // c_sigma = 2, q^2 = 9:  Kdot = (2/9)(pi - theta)/(2 pi) = 1/9 - theta/(9 pi);
 // K = Kdot * Sigma + sqrt(s s') sin(theta) / (9 pi), and the maps carry g = sqrt(s) / (3 sqrt(pi)).
@@ -132,15 +146,45 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
+// LAP(c) of one displacement block (ci, cj), after its layer loop. The block holds up to four true displacement
+// slices split by the cut lines: rows i < 32 - ci have delta_row = ci, the others ci - 32; lanes j < 32 - cj have
+// delta_col = cj, the others cj - 32. quad (MAX_LAYERS, QUAD) float32 holds per layer and kind the warp sums total,
+// top (rows above the row cut), left (lanes left of the column cut) and top_left; the quadrant sums follow by
+// differences (all terms >= 0, and the largest quadrant always has the largest weight, so the cancellation stays
+// ~1e-7 of the weighted sum). Lane l takes layers l, l + 32, ... and adds, for the r-th c and each kind,
+// sum_q t_c(delta_row_q) t_c(delta_col_q) S_q to acc[GAP_SLOTS h + 2 + 2r + kind]. table: (LAP_COUNT, LAP_TABLE).
+__device__ __forceinline__ void lap_weigh(const float* quad, const double* __restrict__ table, int ci, int cj,
+                                          int layers, double* acc)
+{
+    for (int h = threadIdx.x % 32; h < layers; h += 32) {
+#pragma unroll
+        for (int kind = 0; kind < 2; ++kind) {
+            const float* q = quad + h * QUAD + 4 * kind;
+            const double total = q[0], top = q[1], left = q[2], tl = q[3];
+            const double tr = top - tl, bl = left - tl, br = total - top - left + tl;
+#pragma unroll
+            for (int r = 0; r < LAP_COUNT; ++r) {
+                const double* t = table + r * LAP_TABLE;
+                const double left_w = __ldg(t + SIDE + cj), right_w = __ldg(t + cj);   // delta_col cj, cj - 32
+                acc[GAP_SLOTS * h + 2 + 2 * r + kind] += __ldg(t + SIDE + ci) * fma(left_w, tl, right_w * tr)
+                                                         + __ldg(t + ci) * fma(left_w, bl, right_w * br);
+            }
+        }
+    }
+}
+
 // All L layers of one displacement block (ci, cj) of the pair (x, y). Lane 0 adds the block's sums of layer h
-// (h = 1..layers) to acc[2(h-1)] (ntk) and acc[2(h-1)+1] (nngp): GAP sums Kdot*Theta and K over the block,
-// vanilla (ci = cj = 0) sums Kdot*Theta + K and K. rho_low = 1 forces rho = 1 (an image with itself at zero
-// displacement, where Cauchy-Schwarz holds with equality), else -1.
+// (h = 1..layers) to acc[S(h-1)] (ntk) and acc[S(h-1)+1] (nngp), S = GAP_SLOTS for GAP and 2 for vanilla: GAP
+// sums Kdot*Theta and K over the block, vanilla (ci = cj = 0) sums Kdot*Theta + K and K; with LAP_COUNT > 0 the
+// GAP kernel also writes the warp sums lap_weigh needs to quad[QUAD (h-1) ..] (a per-warp scratch). rho_low = 1
+// forces rho = 1 (an image with itself at zero displacement, where Cauchy-Schwarz holds with equality), else -1.
 template <bool GAP>
 __device__ __forceinline__ void cntk_block(const float* __restrict__ x, const float* __restrict__ y,
                                            const float2* __restrict__ x_maps, const float2* __restrict__ y_maps,
-                                           int ci, int cj, float rho_low, int layers, double* acc)
+                                           int ci, int cj, float rho_low, int layers, double* acc, float* quad)
 {
+    constexpr bool lap = GAP && LAP_COUNT > 0;
+    constexpr int slots = GAP ? GAP_SLOTS : 2;
     const int j = threadIdx.x % SIDE;
     const int jy = (j + cj) % SIDE;
     const int row_cut = SIDE - ci, col_cut = SIDE - cj;
@@ -165,6 +209,7 @@ __device__ __forceinline__ void cntk_block(const float* __restrict__ x, const fl
         const float2* mx = x_maps + h * MAP_ENTRIES + j;
         const float2* my = y_maps + h * MAP_ENTRIES + ci * SIDE + jy;
         float sum_ntk = 0.f, sum_nngp = 0.f;
+        float top_ntk = 0.f, top_nngp = 0.f;   // LAP: the running sums at the row cut (rows i < row_cut)
 #pragma unroll
         for (int i = 0; i < SIDE; ++i) {
             const float2 nx = __ldg(mx + i * SIDE), ny = __ldg(my + i * SIDE);
@@ -177,12 +222,30 @@ __device__ __forceinline__ void cntk_block(const float* __restrict__ x, const fl
             theta[i] = carried + k;
             sum_ntk += GAP ? carried : theta[i];
             sum_nngp += k;
+            if (lap && i + 1 == row_cut) {
+                top_ntk = sum_ntk;
+                top_nngp = sum_nngp;
+            }
+        }
+        if (lap) {   // one value at a time to shared memory: nothing more stays live beside Sigma and Theta
+            const bool left = j < col_cut;
+            const float parts[6] = {top_ntk, left ? sum_ntk : 0.f, left ? top_ntk : 0.f,
+                                    top_nngp, left ? sum_nngp : 0.f, left ? top_nngp : 0.f};
+#pragma unroll
+            for (int v = 0; v < 6; ++v) {
+                const float total = warp_sum(parts[v]);
+                if (j == 0) quad[h * QUAD + (v < 3 ? 1 + v : 2 + v)] = total;
+            }
         }
         sum_ntk = warp_sum(sum_ntk);
         sum_nngp = warp_sum(sum_nngp);
         if (j == 0) {
-            acc[2 * h] += (double)sum_ntk;
-            acc[2 * h + 1] += (double)sum_nngp;
+            acc[slots * h] += (double)sum_ntk;
+            acc[slots * h + 1] += (double)sum_nngp;
+            if (lap) {
+                quad[h * QUAD] = sum_ntk;
+                quad[h * QUAD + 4] = sum_nngp;
+            }
         }
         if (h + 1 < layers) {   // Sigma_h = tr_D(K), Theta_h = tr_D(Kdot Theta + K)
             box_rows(sigma, row_cut);
@@ -200,6 +263,14 @@ __device__ __forceinline__ void cntk_block(const float* __restrict__ x, const fl
 //   x_images (nx, 32, 32, 3), y_images (ny, 32, 32, 3) float32; x_maps, y_maps from diag_maps with the same layers;
 //   pair_x, pair_y (n_pairs,) int32 image indices; pair_self (n_pairs,) uint8, 1 where the two images are identical;
 //   out (n_pairs, layers, 2) float64, zeroed by the caller: [p, h-1, 0] ntk, [p, h-1, 1] nngp for depth h + 1.
+// The GAP kernel of a LAP_COUNT = k > 0 build also takes lap_table (k, LAP_TABLE) float64, row r the triangle
+// weights t_c(d) = (1 - |d| / (2c + 1))_+ of the r-th c at index d + 32, and its out is (n_pairs, layers, GAP_SLOTS):
+// [p, h-1, 2 + 2r] ntk-lap, [p, h-1, 3 + 2r] nngp-lap of the r-th c (sums weighted by w_c = t_c(d_row) t_c(d_col)).
+#if LAP_COUNT > 0
+#define LAP_TABLE_PARAM const double* __restrict__ lap_table,
+#else
+#define LAP_TABLE_PARAM
+#endif
 
 // CNTK-GAP: grid n_pairs * GAP_CHUNKS blocks of WARPS_PER_BLOCK * 32 threads. out holds sums over all 32^4
 // entries (the caller divides by 2^20 for the mean).
@@ -207,13 +278,20 @@ extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32, MIN_BLOCKS_PE
 cntk_gap_tile(const float* __restrict__ x_images, const float* __restrict__ y_images,
               const float2* __restrict__ x_maps, const float2* __restrict__ y_maps,
               const int* __restrict__ pair_x, const int* __restrict__ pair_y,
-              const unsigned char* __restrict__ pair_self, int n_pairs, int layers, double* __restrict__ out)
+              const unsigned char* __restrict__ pair_self, int n_pairs, int layers, LAP_TABLE_PARAM
+              double* __restrict__ out)
 {
-    __shared__ double acc[WARPS_PER_BLOCK][2 * MAX_LAYERS];
+    __shared__ double acc[WARPS_PER_BLOCK][GAP_SLOTS * MAX_LAYERS];
+#if LAP_COUNT > 0
+    __shared__ float quad[WARPS_PER_BLOCK][QUAD * MAX_LAYERS];
+#define QUAD_ARG quad[warp]
+#else
+#define QUAD_ARG nullptr
+#endif
     const int warp = threadIdx.x / 32;
     const int p = blockIdx.x / GAP_CHUNKS, chunk = blockIdx.x % GAP_CHUNKS;
     if (p >= n_pairs || layers > MAX_LAYERS) return;   // uniform over the block
-    for (int k = threadIdx.x; k < WARPS_PER_BLOCK * 2 * MAX_LAYERS; k += blockDim.x) (&acc[0][0])[k] = 0.0;
+    for (int k = threadIdx.x; k < WARPS_PER_BLOCK * GAP_SLOTS * MAX_LAYERS; k += blockDim.x) (&acc[0][0])[k] = 0.0;
     __syncthreads();
     const int a = pair_x[p], b = pair_y[p];
 #pragma unroll 1
@@ -222,13 +300,18 @@ cntk_gap_tile(const float* __restrict__ x_images, const float* __restrict__ y_im
         const float rho_low = (pair_self[p] && block == 0) ? 1.f : -1.f;
         cntk_block<true>(x_images + (long long)a * IMAGE_FLOATS, y_images + (long long)b * IMAGE_FLOATS,
                          x_maps + (long long)a * layers * MAP_ENTRIES, y_maps + (long long)b * layers * MAP_ENTRIES,
-                         block / SIDE, block % SIDE, rho_low, layers, acc[warp]);
+                         block / SIDE, block % SIDE, rho_low, layers, acc[warp], QUAD_ARG);
+#if LAP_COUNT > 0
+        __syncwarp();
+        lap_weigh(quad[warp], lap_table, block / SIDE, block % SIDE, layers, acc[warp]);
+        __syncwarp();   // quad is reused by the next block of this warp
+#endif
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < 2 * layers; k += blockDim.x) {
+    for (int k = threadIdx.x; k < GAP_SLOTS * layers; k += blockDim.x) {
         double total = 0.0;
         for (int w = 0; w < WARPS_PER_BLOCK; ++w) total += acc[w][k];
-        atomicAdd(out + (long long)p * 2 * layers + k, total);
+        atomicAdd(out + (long long)p * GAP_SLOTS * layers + k, total);
     }
 }
 
@@ -249,17 +332,18 @@ cntk_vanilla_tile(const float* __restrict__ x_images, const float* __restrict__ 
     const int a = pair_x[p], b = pair_y[p];
     cntk_block<false>(x_images + (long long)a * IMAGE_FLOATS, y_images + (long long)b * IMAGE_FLOATS,
                       x_maps + (long long)a * layers * MAP_ENTRIES, y_maps + (long long)b * layers * MAP_ENTRIES,
-                      0, 0, pair_self[p] ? 1.f : -1.f, layers, acc[warp]);
+                      0, 0, pair_self[p] ? 1.f : -1.f, layers, acc[warp], nullptr);
     __syncwarp();
     for (int k = lane; k < 2 * layers; k += 32) out[(long long)p * 2 * layers + k] = acc[warp][k];
 }
 
 // Places one launch's per-pair sums into the tile's result on the device, so the host copies each tile once.
-//   sums (count, layers, 2) float64 from a tile kernel (the `out` above); pair_x, pair_y (count,) int32 sub-tile
-//   image indices; result (2, layers, rows, cols) float32, [kind, h-1, r, c] for depth h + 1 (kind 0 ntk, 1 nngp).
+//   sums (count, layers, S) float64 from a tile kernel (the `out` above), S = GAP_SLOTS (2 in the plain build; a
+//   LAP build's scatter serves its GAP kernel only); pair_x, pair_y (count,) int32 sub-tile image indices; result
+//   (S, layers, rows, cols) float32, [kind, h-1, r, c] for depth h + 1 (kind 0 ntk, 1 nngp, 2 + 2r + kind LAP).
 // Pair p goes to row row0 + pair_x[p], column col0 + pair_y[p], scaled by `scale` (GAP: 2^-20 for the mean) and
 // rounded once to float32; mirror != 0 (diagonal tiles, rows == cols) also writes the transposed entry.
-// Grid: ceil(count * 2 * layers / blockDim.x) blocks; thread t takes value k = t / count of pair p = t % count, so
+// Grid: ceil(count * S * layers / blockDim.x) blocks; thread t takes value k = t / count of pair p = t % count, so
 // consecutive threads write neighbouring pairs of one (kind, layer) plane.
 extern "C" __global__ void __launch_bounds__(256)
 scatter_pairs(const double* __restrict__ sums, const int* __restrict__ pair_x, const int* __restrict__ pair_y,
@@ -267,10 +351,10 @@ scatter_pairs(const double* __restrict__ sums, const int* __restrict__ pair_x, c
               float* __restrict__ result)
 {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (long long)count * 2 * layers) return;
-    const int k = (int)(t / count), p = (int)(t % count);      // k = 2 (h - 1) + kind, the index into sums[p]
-    const float value = (float)(sums[(long long)p * 2 * layers + k] * scale);
-    float* plane = result + ((long long)(k % 2) * layers + k / 2) * rows * cols;
+    if (t >= (long long)count * GAP_SLOTS * layers) return;
+    const int k = (int)(t / count), p = (int)(t % count);      // k = S (h - 1) + kind, the index into sums[p]
+    const float value = (float)(sums[(long long)p * GAP_SLOTS * layers + k] * scale);
+    float* plane = result + ((long long)(k % GAP_SLOTS) * layers + k / GAP_SLOTS) * rows * cols;
     const long long r = row0 + pair_x[p], c = col0 + pair_y[p];
     plane[r * cols + c] = value;
     if (mirror) plane[c * cols + r] = value;

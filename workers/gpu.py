@@ -1,6 +1,6 @@
 """GPU tile worker: launches the fused CNTK kernels of `cntk_tile.cu` through `cupy.RawModule`.
 
-Same contract as every backend (docs/ARCHITECTURE.md): `tile_kernels(x, y=None, *, archs, max_depth)`. The planning
+Same contract as every backend (docs/ARCHITECTURE.md): `tile_kernels(x, y=None, *, archs, max_depth, lap, flip)`. The planning
 half of this module (`plan_tile`, `pair_lists`, `same_images`, `compile_options`) is pure NumPy and imports without
 CuPy; CuPy is imported only when a tile actually runs. Design, blocking and the instruction count: docs/gpu.md.
 
@@ -10,6 +10,10 @@ device on an upload stream from pinned memory, the upload of the next sub-tile o
 on the compute stream. There `diag_maps` makes the per-image maps, the tile kernel runs in launches of
 `pairs_per_launch` pairs, and `scatter_pairs` places every launch's sums into the tile's (2, layers, rows, cols)
 float32 result on the device (mirrored on diagonal tiles). The host copies that result once per tile.
+
+LAP and flip (docs/enhanced.md, docs/gpu.md "LAP and flip"): LAP(c) readouts come from a build of the same source
+with -DLAP_COUNT=k, whose GAP kernel adds k weighted sums per kind in the same pass; flip runs each architecture once
+more against the mirrored column images (mirrored on the host), keeping the a <= b pair lists on diagonal tiles.
 """
 import functools
 import threading
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .enhanced import check_flip, check_lap, flip_images, output_keys, triangle
 from .validate import check_archs, check_depth, check_pair, same_images
 
 KERNEL_SOURCE = Path(__file__).parent / "cntk_tile.cu"
@@ -44,6 +49,9 @@ SCATTER_THREADS = 256
 # .ci/check_cuda.sh fails when `bench_gpu.py --check-sass` counts more than half an instruction off these.
 INSTR_PER_ENTRY_LAYER = {"gap": 50, "vanilla": 47}
 FP32_INSTR_PER_ENTRY_LAYER = {"gap": 38, "vanilla": 36}
+# The same count for the GAP kernel of the LAP builds (-DLAP_COUNT=k), by k; checked by .ci/check_cuda.sh as well.
+LAP_INSTR_PER_ENTRY_LAYER = {1: 56, 3: 56}
+MAX_LAP = 8                                    # LAP sizes per pass (LAP_COUNT <= 8 in cntk_tile.cu: shared memory)
 
 _device_id = None
 _device_lock = threading.Lock()
@@ -56,6 +64,19 @@ def compile_options(options=DEFAULT_OPTIONS) -> tuple[str, ...]:
     return ("-std=c++17", "-ftz=true") + tuple(f"-D{name}={int(value)}" for name, value in options)
 
 
+def module_options(lap_count: int = 0) -> tuple[tuple[str, int], ...]:
+    """-D options of the build that serves `lap_count` LAP sizes: DEFAULT_OPTIONS for 0 (the plain kernels, same
+    cache key and code as without LAP), plus LAP_COUNT otherwise."""
+    return DEFAULT_OPTIONS + ((("LAP_COUNT", int(lap_count)),) if lap_count else ())
+
+
+def lap_table(lap) -> np.ndarray:
+    """Triangle weights t_c(d) of every c in `lap` for d = -32..31: float64 (len(lap), 64), [r, d + 32]
+    (the kernel's lap_table; w_c(delta) = t_c(delta_row) t_c(delta_col))."""
+    d = np.arange(-SIDE, SIDE)
+    return np.stack([triangle(c, d) for c in lap]) if len(lap) else np.zeros((0, 2 * SIDE))
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """How a tile is cut for the device: `chunk` images per side of a sub-tile, `pairs_per_launch` per kernel."""
@@ -64,12 +85,13 @@ class TilePlan:
     device_bytes: int
 
 
-def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int) -> TilePlan:
+def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int, slots: int = 2) -> TilePlan:
     """Largest sub-tile (chunk x chunk images, at most n x m) whose device buffers fit in `budget_bytes`.
 
-    Device buffers: the tile's result (2, layers, n, m) float32; two sub-tiles' inputs at once (the one computing and
-    the next one uploading: images and diagonal maps of 2*chunk images, pair lists of chunk^2 pairs each); one sums
-    slot of pairs_per_launch * layers * 2 float64. Raises ValueError when the result or not even one pair fits.
+    Device buffers: the tile's result (slots, layers, n, m) float32; two sub-tiles' inputs at once (the one computing
+    and the next one uploading: images and diagonal maps of 2*chunk images, pair lists of chunk^2 pairs each); one
+    sums slot of pairs_per_launch * layers * slots float64. slots: 2 (ntk, nngp), 2 (1 + k) for GAP with k LAP sizes.
+    Raises ValueError when the result or not even one pair fits.
     """
     if arch not in ENTRIES_PER_PAIR:
         raise ValueError(f"unknown conv architecture {arch!r}; allowed: {', '.join(ENTRIES_PER_PAIR)}")
@@ -79,12 +101,12 @@ def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int) -> T
     per_image = IMAGE_BYTES + layers * MAP_BYTES_PER_LAYER
     work = ENTRIES_PER_PAIR[arch] * layers
     launch_pairs = int(np.clip(WORK_PER_LAUNCH // work, 1, MAX_PAIRS_PER_LAUNCH))
-    result = n * m * layers * RESULT_BYTES_PER_PAIR_LAYER
+    result = n * m * layers * RESULT_BYTES_PER_PAIR_LAYER * slots // 2
 
     def need(chunk):
         pairs = chunk * chunk
         inputs = 2 * chunk * per_image + pairs * PAIR_INDEX_BYTES
-        slot = min(launch_pairs, pairs) * layers * 2 * 8
+        slot = min(launch_pairs, pairs) * layers * slots * 8
         return result + 2 * inputs + slot
 
     chunk = max(n, m)
@@ -159,16 +181,26 @@ def free_device_bytes(device_id: int) -> int:
         return int(free + cupy.get_default_memory_pool().free_bytes())
 
 
-def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21) -> dict:
+def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, lap=(), flip: bool = False) -> dict:
     """CNTK and NNGP blocks for every depth 2..max_depth on the GPU, one pass per architecture.
 
     x: (n, 32, 32, 3) float32 preprocessed images; y: (m, 32, 32, 3) or None (a diagonal tile: pairs a <= b are
     computed and mirrored). archs: any of "vanilla", "gap", "fc" ("fc" runs cntk_gram.workers.fc on the host). Returns
     {"{kind}-{arch}": float32 (max_depth-1, n, m)} host arrays, depth d at index d-2.
+
+    lap: LAP sizes c (ints >= 0, at most MAX_LAP distinct; needs "gap"): adds "{kind}-lap{c}" from the GAP pass (a
+    -DLAP_COUNT build of its kernel). flip: adds "{key}-flip" = (K(x, y) + K(x, flip y)) / 2 for every key, from one
+    more pass per architecture against the mirrored column images; on a diagonal tile that pass also computes
+    a <= b only and mirrors, since K(x_b, flip x_a) = K(x_a, flip x_b). Keys and order as the CPU backend
+    (cntk_gram.workers.enhanced.output_keys); without lap and flip the plain kernels run unchanged.
     """
     x, y = check_pair(x, y)
     archs = check_archs(archs)
     max_depth = check_depth(max_depth)
+    lap = check_lap(lap, archs)
+    flip = check_flip(flip)
+    if len(lap) > MAX_LAP:
+        raise ValueError(f"the GPU kernel takes at most {MAX_LAP} LAP sizes per run, got {len(lap)}: {list(lap)}")
     out = {}
     conv = [a for a in archs if a != "fc"]
     if conv:
@@ -178,27 +210,47 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21) ->
         y32 = None if y is None else np.ascontiguousarray(y, np.float32)
         with _device_lock:
             for arch in conv:
-                out.update(_conv_tile(x32, y32, arch=arch, layers=max_depth - 1))
+                arch_lap = lap if arch == "gap" else ()
+                out.update(_conv_tile(x32, y32, arch=arch, layers=max_depth - 1, lap=arch_lap))
+                if flip:
+                    mirrored = _conv_tile(x32, y32, arch=arch, layers=max_depth - 1, lap=arch_lap, flip=True)
+                    out.update({f"{key}-flip": value for key, value in mirrored.items()})
     if "fc" in archs:
         from .fc import fc_kernels
         out.update(fc_kernels(x, y, max_depth=max_depth))
-    return {f"{kind}-{arch}": out[f"{kind}-{arch}"] for arch in archs for kind in ("ntk", "nngp")}
+        if flip:
+            mirrored = fc_kernels(x, flip_images(x if y is None else y), max_depth=max_depth)
+            out.update({f"{key}-flip": value for key, value in mirrored.items()})
+    for key in output_keys(archs, lap, flip):
+        if key.endswith("-flip"):   # out holds K(x, flip y) under this key until here
+            plain = key[:-len("-flip")]
+            out[key] = ((out[plain].astype(np.float64) + out[key]) / 2).astype(np.float32)
+    return {key: out[key] for key in output_keys(archs, lap, flip)}
 
 
-def _conv_tile(x, y, *, arch: str, layers: int) -> dict:
-    """One architecture over the whole tile, sub-tile by sub-tile. Returns {"ntk-arch", "nngp-arch"} float32."""
+def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False) -> dict:
+    """One architecture over the whole tile, sub-tile by sub-tile. Returns {"ntk-arch", "nngp-arch"} and, for GAP
+    with lap, {"ntk-lap{c}", "nngp-lap{c}"}, float32 (layers, n, m). flip: the column images are mirrored (y, or x
+    on a diagonal tile, which keeps its a <= b pairs and mirroring: K(x_a, flip x_b) is symmetric in a, b)."""
     import cupy
     diagonal = y is None
     y_host = x if diagonal else y
+    if flip:
+        y_host = flip_images(y_host)
     n, m = len(x), len(y_host)
+    slots = 2 * (1 + len(lap))
     device_id = current_device()
-    module = load_module(device_id, compile_options())
+    module = load_module(device_id, compile_options(module_options(len(lap))))
     with cupy.cuda.Device(device_id):
-        plan = plan_tile(n, m, layers=layers, arch=arch, budget_bytes=int(0.8 * free_device_bytes(device_id)))
+        plan = plan_tile(n, m, layers=layers, arch=arch, budget_bytes=int(0.8 * free_device_bytes(device_id)),
+                         slots=slots)
         runner = _TileRunner(module, arch=arch, layers=layers, pairs_per_launch=plan.pairs_per_launch,
-                             shape=(n, m), mirror=diagonal)
+                             shape=(n, m), mirror=diagonal, columns_are_rows=diagonal and not flip, lap=lap)
         result = runner.run(x, y_host, same_images(x, y_host), subtiles(n, m, plan.chunk, diagonal=diagonal))
-    return {f"ntk-{arch}": result[0], f"nngp-{arch}": result[1]}
+    out = {f"ntk-{arch}": result[0], f"nngp-{arch}": result[1]}
+    for r, c in enumerate(lap):
+        out[f"ntk-lap{c}"], out[f"nngp-lap{c}"] = result[2 + 2 * r], result[3 + 2 * r]
+    return out
 
 
 _pinned = {"buffer": None}
@@ -223,7 +275,7 @@ class _TileRunner:
     never hands them out while a kernel or copy still uses them.
     """
 
-    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror):
+    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror, columns_are_rows=None, lap=()):
         import cupy
         self.cupy = cupy
         self.kernel = module.get_function(KERNEL_NAMES[arch])
@@ -231,19 +283,28 @@ class _TileRunner:
         self.scatter_kernel = module.get_function("scatter_pairs")
         self.arch, self.layers, self.batch = arch, layers, pairs_per_launch
         self.shape, self.mirror = shape, mirror
+        # diagonal sub-tiles share the row images as columns unless those are mirrored (flip on a diagonal tile)
+        self.columns_are_rows = mirror if columns_are_rows is None else columns_are_rows
+        self.slots = 2 * (1 + len(lap))
         self.scale = 1.0 / ENTRIES_PER_PAIR["gap"] if arch == "gap" else 1.0
         self.warps = dict(DEFAULT_OPTIONS)["WARPS_PER_BLOCK"]
         self.gap_chunks = SIDE * SIDE // (self.warps * dict(DEFAULT_OPTIONS)["BLOCKS_PER_WARP"])
         self.compute = cupy.cuda.Stream(non_blocking=True)
         self.upload = cupy.cuda.Stream(non_blocking=True)
         with self.compute:
-            self.result = cupy.zeros((2, layers) + tuple(shape), cupy.float32)
-            self.sums = cupy.empty((self.batch, layers, 2), cupy.float64)
+            self.result = cupy.zeros((self.slots, layers) + tuple(shape), cupy.float32)
+            self.sums = cupy.empty((self.batch, layers, self.slots), cupy.float64)
+            self.lap_args = ()
+            if lap:   # the LAP build's GAP kernel takes its weight table before `out`
+                self.lap_host = lap_table(lap)   # kept until the runner is dropped, after the host's last wait
+                table = cupy.empty(self.lap_host.shape, cupy.float64)
+                table.set(self.lap_host, stream=self.compute)
+                self.lap_args = (table,)
         self.launches = 0
 
     def run(self, x, y, same, jobs) -> np.ndarray:
         """x (n, 32, 32, 3), y (m, 32, 32, 3) float32 host images, same (n, m) bool, jobs from `subtiles`.
-        Returns the host copy of the result, (2, layers, n, m) float32."""
+        Returns the host copy of the result, (slots, layers, n, m) float32."""
         previous = None
         for rows, cols, on_diagonal in jobs:
             # staged on the host and uploaded while the previous sub-tile's kernels run
@@ -263,7 +324,7 @@ class _TileRunner:
         cupy = self.cupy
         pair_a, pair_b = pair_lists(len(xs), len(ys), diagonal=on_diagonal)
         host = {"x": xs, "a": pair_a, "b": pair_b, "self": same[pair_a, pair_b].astype(np.uint8)}
-        if not on_diagonal:
+        if not (on_diagonal and self.columns_are_rows):
             host["y"] = ys
         job = {"rows": rows, "cols": cols, "diagonal": on_diagonal, "count": len(pair_a), "pinned": {}}
         with self.upload:
@@ -274,7 +335,7 @@ class _TileRunner:
                 job[name] = cupy.empty(values.shape, values.dtype)
                 job[name].set(pinned, stream=self.upload)
             job["uploaded"] = self.upload.record()
-        if on_diagonal:
+        if on_diagonal and self.columns_are_rows:
             job["y"] = job["x"]
         return job
 
@@ -290,7 +351,7 @@ class _TileRunner:
         with self.compute:
             self.compute.wait_event(job["uploaded"])
             job["x_maps"] = self._maps(job["x"])
-            job["y_maps"] = job["x_maps"] if job["diagonal"] else self._maps(job["y"])
+            job["y_maps"] = job["x_maps"] if job["y"] is job["x"] else self._maps(job["y"])
             for start in range(0, job["count"], self.batch):
                 stop = min(start + self.batch, job["count"])
                 count = stop - start
@@ -301,8 +362,8 @@ class _TileRunner:
                 grid = count * self.gap_chunks if self.arch == "gap" else -(-count // self.warps)
                 self.kernel((grid,), (32 * self.warps,),
                             (job["x"], job["y"], job["x_maps"], job["y_maps"], pa, pb, job["self"][start:stop],
-                             np.int32(count), layers, sums))
-                values = count * 2 * self.layers
+                             np.int32(count), layers, *self.lap_args, sums))
+                values = count * self.slots * self.layers
                 self.scatter_kernel((-(-values // SCATTER_THREADS),), (SCATTER_THREADS,),
                                     (sums, pa, pb, np.int32(count), layers, np.float64(self.scale),
                                      np.int32(job["rows"].start), np.int32(job["cols"].start),
