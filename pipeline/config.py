@@ -244,6 +244,8 @@ def _kernel(raw: dict) -> KernelConfig:
     if not depths:
         raise UserError("kernel.depths: needs at least one depth (integers >= 2, e.g. [3, 4, 6, 11, 21])")
     rf = raw.get("random_features")
+    if rf is False:  # `random_features: false` (or `cntk run --no-random-features`): the exact kernels only
+        rf = None
     if rf is not None:
         rf = _random_features(rf)
         if not any(a in RF_ARCHS for a in archs):
@@ -256,7 +258,7 @@ def _random_features(raw: Any) -> RandomFeaturesConfig:
     where = "kernel.random_features"
     allowed = _allowed(RandomFeaturesConfig)
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: must be a mapping with keys {', '.join(allowed)}")
+        raise UserError(f"{where}: must be a mapping with keys {', '.join(allowed)}, or false")
     _check_keys(where, raw, allowed)
     defaults = RandomFeaturesConfig()
     config = RandomFeaturesConfig(

@@ -161,8 +161,9 @@ def test_rf_without_torch_is_refused_before_any_store_is_touched(rf_store, cifar
         line = result.output.strip()
         assert "\n" not in line and "PyTorch" in line and "pip install -e .[rf]" in line, line
     assert tree_digest(rf_store) == before and not (tmp_path / "new.zarr").exists()
-    # without the block, torch is not needed
+    # without the block (or with it switched off, as `cntk run --no-random-features` does), torch is not needed
     raw = small_raw(cifar_root, tmp_path / "x.zarr")
+    assert build_config(raw, {"kernel.random_features": False}).kernel.random_features is None
     del raw["kernel"]["random_features"]
     assert build_config(raw).kernel.random_features is None
 
