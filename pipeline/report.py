@@ -51,7 +51,7 @@ def _best_val(row: dict) -> float | None:
 
 def rf_summaries(rows: list[dict]) -> list[dict]:
     """One dict per random-features (kernel, depth), over the rows of its draws:
-    {kernel, depth, draws (solved), draws_failed, paper / validated: {median, min, max} of the test accuracy
+    {kernel, depth, draws (with a λ = 0 accuracy), draws_failed (incomplete or not PD at λ = 0), paper / validated: {median, min, max} of the test accuracy
     (None when no draw has one), val_accuracy: {median, min, max} of the best validation accuracy, lambdas: the
     validated lambdas chosen, sorted}. Sorted by kernel and depth."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -62,8 +62,8 @@ def rf_summaries(rows: list[dict]) -> list[dict]:
     for (kernel, depth), members in sorted(groups.items()):
         def accs(setting):
             return [r[setting]["accuracy"] for r in members if r.get(setting, {}).get("accuracy") is not None]
-        out.append({"kernel": kernel, "depth": depth, "draws": sum("error" not in r for r in members),
-                    "draws_failed": sum("error" in r for r in members),
+        solved = len(accs("paper"))
+        out.append({"kernel": kernel, "depth": depth, "draws": solved, "draws_failed": len(members) - solved,
                     "paper": _spread(accs("paper")), "validated": _spread(accs("validated")),
                     "val_accuracy": _spread([v for v in map(_best_val, members) if v is not None]),
                     "lambdas": sorted({r["validated"]["lambda"] for r in members if "lambda" in r.get("validated", {})})})
