@@ -226,3 +226,11 @@ def test_report_prints_the_rf_paper_value_beside_ours_only_under_cifar2():
     narrow = Protocol(n_train=10_000, n_test=2_000, classes=(0, 1), rf_width=64)  # not the paper's 128 channels
     cells = table_cells(_rows_for_table(), matching_columns(narrow))
     assert cells[0][-1] == "92.15" and cells[1][-1] == "n/a"
+    # the store's config decides: table2-cifar2.yaml's protocol gets all four Table 2 columns
+    from cntk_gram.pipeline.config import load_config, to_dict
+    config = to_dict(load_config(Path(__file__).resolve().parents[1] / "configs/paper/table2-cifar2.yaml"))
+    columns = matching_columns(Protocol.from_config(config, n_train=10_000, n_test=2_000))
+    assert {c.column for c in columns.values()} == {"CNTK-V", "CNTK-GAP", "RF from CNTK-V", "RF from CNTK-GAP"}
+    config["kernel"]["random_features"]["width"] = 256
+    assert set(matching_columns(Protocol.from_config(config, n_train=10_000, n_test=2_000))) == {"ntk-vanilla",
+                                                                                                 "ntk-gap"}
