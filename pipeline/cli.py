@@ -112,6 +112,8 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--archs", help="Comma-separated: vanilla,gap,fc (overrides kernel.archs).")
 @click.option("--kinds", help="Comma-separated: ntk,nngp (overrides kernel.kinds).")
 @click.option("--depths", help="Comma-separated depths, e.g. 3,4,6,11,21 (overrides kernel.depths).")
+@click.option("--no-random-features", is_flag=True,
+              help="Ignore the config's kernel.random_features block: exact kernels only.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), help="Kernel backend.")
 @scheduler_options
 @click.option("--workers", type=int, help="Worker processes of the embedded local cluster.")
@@ -121,8 +123,8 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--trust-records", is_flag=True,
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
-def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, backend, scheduler,
-        scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
+def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, no_random_features, backend,
+        scheduler, scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
     from cntk_gram.pipeline.config import load_config
     from cntk_gram.pipeline.run import run as run_config
@@ -130,7 +132,8 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
     overrides = {
         "store": store, "data.root": data_root, "data.train": train, "data.test": test,
         "tiles.size": tile_size, "kernel.archs": _names(archs), "kernel.kinds": _names(kinds),
-        "kernel.depths": _ints(depths), "backend": backend, "cluster.scheduler": scheduler,
+        "kernel.depths": _ints(depths), "kernel.random_features": False if no_random_features else None,
+        "backend": backend, "cluster.scheduler": scheduler,
         "cluster.scheduler_file": scheduler_file, "cluster.workers": workers, "cluster.threads": threads,
         "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,
     }
@@ -200,16 +203,17 @@ def status(store):
 @click.option("--tile", nargs=2, type=int, metavar="I J", help="Statistics and a heatmap of one tile.")
 @click.option("--kernel", help="Kernel for the --tile heatmap, e.g. ntk-vanilla.")
 @click.option("--depth", type=int, help="Depth for the --tile heatmap.")
+@click.option("--draw", type=int, help="Draw of a random-features kernel (rf-...) for the --tile heatmap [default: 0].")
 @click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Directory for the PNG files.")
-def inspect(store, tile, kernel, depth, out):
+def inspect(store, tile, kernel, depth, draw, out):
     """Summary and a coverage PNG of done tiles; with --tile I J, one tile's statistics and heatmap."""
     from cntk_gram.pipeline.inspect import coverage_png, summary, tile_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tile:
-        report = tile_report(store, tuple(tile), kernel=kernel, depth=depth,
+        report = tile_report(store, tuple(tile), kernel=kernel, depth=depth, draw=draw,
                              heatmap=out / f"tile-{tile[0]}-{tile[1]}.png")
         click.echo(f"tile {tile[0]},{tile[1]}: {'done' if report['record'] else 'not done'}")
         for name, st in report["stats"].items():
@@ -223,6 +227,10 @@ def inspect(store, tile, kernel, depth, out):
                f"  {s['n_train']} train + {s['n_test']} test rows, tile {s['tile']}, {s['blocks']} blocks, "
                f"test x test {'yes' if s['test_test'] else 'no'}\n"
                f"  kernels {', '.join(s['kernels'])}; depths {', '.join(map(str, s['depths']))}\n"
+               + "".join(f"  {key}: draws {d[0]}..{d[-1]}\n" for key, d in s["draws"].items())
+               + ("" if not s["random_features"] else
+                  f"  random features: width {s['random_features']['width']}, seed {s['random_features']['seed']}, "
+                  f"torch {s['random_features']['torch']}\n") +
                f"  tiles done {s['tiles_done']}/{s['tiles_total']}; {s['disk_bytes'] / 2**20:.1f} MiB on disk")
     click.echo(f"coverage {coverage_png(store, out / 'coverage.png')}")
 
@@ -246,12 +254,13 @@ def verify(store):
 @click.argument("store", type=click.Path())
 @click.option("--kernel", required=True, help="Kernel key, e.g. ntk-gap.")
 @click.option("--depth", required=True, type=int, help="Depth, e.g. 11.")
+@click.option("--draw", type=int, default=None, help="Draw of a random-features kernel (rf-...), e.g. 0.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy file.")
-def export(store, kernel, depth, out):
-    """Write the assembled symmetric N x N matrix of one kernel and depth to a .npy file."""
+def export(store, kernel, depth, draw, out):
+    """Write the assembled symmetric N x N matrix of one kernel, depth (and draw) to a .npy file."""
     from cntk_gram.pipeline.inspect import export as export_gram
 
-    click.echo(f"wrote {export_gram(store, kernel=kernel, depth=depth, out=out)}")
+    click.echo(f"wrote {export_gram(store, kernel=kernel, depth=depth, draw=draw, out=out)}")
 
 
 # --- kernel regression and reports ----------------------------------------------------------------
@@ -301,7 +310,8 @@ def _show(solved) -> None:
     for row in solved.rows:
         for where in (row, row.get("paper", {}), row.get("validated", {})):
             if "error" in where:
-                click.echo(f"note: {row['kernel']} depth {row['depth']}: {where['error']}", err=True)
+                draw = "" if row.get("draw") is None else f" draw {row['draw']}"
+                click.echo(f"note: {row['kernel']} depth {row['depth']}{draw}: {where['error']}", err=True)
     for name, path in solved.paths.items():
         click.echo(f"{name}: {path}")
 

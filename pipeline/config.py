@@ -4,7 +4,8 @@ The YAML users write (every key optional except where noted):
 
     data:    {source: cifar10, root: DIR, train: 2000, test: 2000, classes: [0, 1],
               train_index: [...], test_index: [...], test_test: false, download: true}
-    kernel:  {archs: [vanilla, gap], kinds: [ntk, nngp], depths: [3, 4, 6, 11, 21]}
+    kernel:  {archs: [vanilla, gap], kinds: [ntk, nngp], depths: [3, 4, 6, 11, 21],
+              random_features: {width: 128, draws: 10, seed: 0, max_bytes: 1GiB}}   # optional; needs torch
     tiles:   {size: 500}
     backend: auto                 # auto | cpu | gpu
     store:   runs/quickstart.zarr
@@ -16,7 +17,9 @@ Validation happens once, in `load_config` / `build_config`; every error names th
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,24 @@ BACKENDS = ("auto", "cpu", "gpu")
 SOURCES = ("cifar10",)
 N_CLASSES = 10
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+RF_ARCHS = ("vanilla", "gap")       # the architectures that have a finite random-features network
+BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def torch_available() -> bool:
+    """Whether PyTorch is importable here (checked without importing it: random features need it)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+@dataclass(frozen=True)
+class RandomFeaturesConfig:
+    """The random-features kernels (`docs/rf.md`): per draw R = 0..draws-1, the empirical NTK (and NNGP) of one
+    random CNN of `width` channels per (arch, depth), drawn from `seed`. max_bytes: memory budget of one tile's
+    gradients (bounds a worker's memory, whatever the tile size); it does not change the kernel."""
+    width: int = 128
+    draws: int = 10
+    seed: int = 0
+    max_bytes: int = 2**30
 
 
 @dataclass(frozen=True)
@@ -52,11 +73,22 @@ class KernelConfig:
     archs: tuple[str, ...] = ("vanilla", "gap")
     kinds: tuple[str, ...] = ("ntk", "nngp")
     depths: tuple[int, ...] = (3, 4, 6, 11, 21)
+    random_features: RandomFeaturesConfig | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
         """Kernel keys '{kind}-{arch}' in a fixed order (arch-major)."""
         return tuple(f"{kind}-{arch}" for arch in self.archs for kind in self.kinds)
+
+    @property
+    def rf_archs(self) -> tuple[str, ...]:
+        """Architectures that also get random-features kernels (none without a random_features block)."""
+        return () if self.random_features is None else tuple(a for a in self.archs if a in RF_ARCHS)
+
+    @property
+    def rf_keys(self) -> tuple[str, ...]:
+        """Random-features kernel keys 'rf-{kind}-{arch}' (arch-major), empty without random_features."""
+        return tuple(f"rf-{kind}-{arch}" for arch in self.rf_archs for kind in self.kinds)
 
 
 @dataclass(frozen=True)
@@ -91,7 +123,7 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "kernel": KernelConfig, "tiles": TileConfig, "cluster": ClusterConfig}
 # Fields that do not change any computed number: ignored when a store's config is compared on resume.
-NON_RESULT_FIELDS = ("data.root", "data.download", "backend", "store", "cluster")
+NON_RESULT_FIELDS = ("data.root", "data.download", "backend", "store", "cluster", "kernel.random_features.max_bytes")
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -149,15 +181,20 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def result_fields(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """Flatten to {'data.train': 100, ...} keeping only fields that change computed numbers."""
+    """Flatten to {'data.train': 100, 'kernel.random_features.width': 128, ...} keeping only fields that
+    change computed numbers. A null block and an absent one compare equal (config_differences uses .get)."""
     flat = {}
-    for section, value in config_dict.items():
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for name, v in items:
-            dotted = f"{section}.{name}" if name else section
-            if dotted in NON_RESULT_FIELDS or section in NON_RESULT_FIELDS:
-                continue
-            flat[dotted] = v
+
+    def walk(prefix: str, value: Any) -> None:
+        if prefix in NON_RESULT_FIELDS:
+            return
+        if isinstance(value, dict):
+            for name, v in value.items():
+                walk(f"{prefix}.{name}" if prefix else name, v)
+        else:
+            flat[prefix] = value
+
+    walk("", config_dict)
     return flat
 
 
@@ -206,7 +243,48 @@ def _kernel(raw: dict) -> KernelConfig:
     depths = _int_list("kernel.depths", raw.get("depths", KernelConfig.depths), low=2, high=200)
     if not depths:
         raise UserError("kernel.depths: needs at least one depth (integers >= 2, e.g. [3, 4, 6, 11, 21])")
-    return KernelConfig(archs=archs, kinds=kinds, depths=tuple(sorted(set(depths))))
+    rf = raw.get("random_features")
+    if rf is False:  # `random_features: false` (or `cntk run --no-random-features`): the exact kernels only
+        rf = None
+    if rf is not None:
+        rf = _random_features(rf)
+        if not any(a in RF_ARCHS for a in archs):
+            raise UserError(f"kernel.random_features: needs an architecture with a random network in kernel.archs; "
+                            f"allowed: {', '.join(RF_ARCHS)}")
+    return KernelConfig(archs=archs, kinds=kinds, depths=tuple(sorted(set(depths))), random_features=rf)
+
+
+def _random_features(raw: Any) -> RandomFeaturesConfig:
+    where = "kernel.random_features"
+    allowed = _allowed(RandomFeaturesConfig)
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: must be a mapping with keys {', '.join(allowed)}, or false")
+    _check_keys(where, raw, allowed)
+    defaults = RandomFeaturesConfig()
+    config = RandomFeaturesConfig(
+        width=_int(f"{where}.width", raw.get("width", defaults.width), low=1),
+        draws=_int(f"{where}.draws", raw.get("draws", defaults.draws), low=1),
+        seed=_int(f"{where}.seed", raw.get("seed", defaults.seed), low=0),
+        max_bytes=_bytes(f"{where}.max_bytes", raw.get("max_bytes", defaults.max_bytes)),
+    )
+    if not torch_available():  # checked here, before any store is opened or created
+        raise UserError(f"{where}: random features need PyTorch, which is not installed here: "
+                        f"pip install -e .[rf] (or remove {where})")
+    return config
+
+
+def _bytes(name: str, value: Any) -> int:
+    """An integer number of bytes, or a string such as '1GiB' / '500MB'; at least 1 MiB."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in BYTE_UNITS:
+            raise UserError(f"{name}: cannot read {value!r}; give bytes or a number with a unit, e.g. 1GiB or 800MiB")
+        amount = int(float(match.group(1)) * BYTE_UNITS[match.group(2).lower()])
+    if amount < 2**20:
+        raise UserError(f"{name}: must be at least 1MiB (e.g. 1GiB), got {value!r}")
+    return amount
 
 
 def _cluster(raw: dict) -> ClusterConfig:

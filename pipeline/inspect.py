@@ -11,7 +11,7 @@ from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.plan import tile_pairs
 from cntk_gram.pipeline.records import read_record, stray_files
 from cntk_gram.pipeline.store import (all_records, array_name, bounds_of, open_gram, parse_array_name, planned_tiles,
-                                      store_attrs, stored_kernels, verify_tile)
+                                      store_attrs, stored_draws, stored_kernels, verify_tile)
 
 RATE_WINDOW = 50  # recent records used for throughput and ETA
 
@@ -44,7 +44,8 @@ def status(store_path: str | Path) -> dict:
 
 
 def summary(store_path: str | Path) -> dict:
-    """What the store holds: sizes, kernels, depths, progress, version, data fingerprint, disk use."""
+    """What the store holds: sizes, kernels, depths, draws (random features), progress, version, data
+    fingerprint, disk use."""
     attrs = store_attrs(store_path)
     info = attrs["layout"]
     disk = sum(p.stat().st_size for p in Path(store_path).rglob("*") if p.is_file())
@@ -53,6 +54,8 @@ def summary(store_path: str | Path) -> dict:
         "blocks": len(bounds_of(info)), "test_test": info["test_test"],
         "kernels": sorted({key for key, _ in stored_kernels(info)}),
         "depths": sorted({depth for _, depth in stored_kernels(info)}),
+        "draws": {key: stored_draws(info, key) for key, _ in stored_kernels(info) if stored_draws(info, key)},
+        "random_features": attrs.get("random_features"),
         "tiles_done": len(all_records(store_path)), "tiles_total": len(planned_tiles(info)),
         "version": attrs["version"], "data_fingerprint": attrs["data_fingerprint"], "disk_bytes": disk,
     }
@@ -86,9 +89,10 @@ def coverage_png(store_path: str | Path, out: str | Path) -> Path:
 
 
 def tile_report(store_path: str | Path, tile: tuple[int, int], *, heatmap: str | Path | None = None,
-                kernel: str | None = None, depth: int | None = None) -> dict:
+                kernel: str | None = None, depth: int | None = None, draw: int | None = None) -> dict:
     """Statistics of every array on one tile ({name: {min, max, mean, nan, diag_min}}), the record,
-    and optionally a heatmap PNG of one array (default: the first array)."""
+    and optionally a heatmap PNG of one array (default: the first array; draw 0 of a random-features kernel
+    unless `draw` is given)."""
     info = store_attrs(store_path)["layout"]
     bounds = bounds_of(info)
     if not 0 <= tile[0] <= tile[1] < len(bounds):
@@ -107,8 +111,11 @@ def tile_report(store_path: str | Path, tile: tuple[int, int], *, heatmap: str |
             "nan": int(np.isnan(block).sum()),
             "diag_min": float(np.diag(block).min()) if tile[0] == tile[1] else None,
         }
-    first_key, first_depth = parse_array_name(info["arrays"][0])
-    chosen = array_name(kernel or first_key, depth or first_depth)
+    first = parse_array_name(info["arrays"][0])
+    key = kernel or first.key
+    if draw is None and stored_draws(info, key):
+        draw = stored_draws(info, key)[0]
+    chosen = array_name(key, depth or first.depth, draw)
     if chosen not in blocks:
         raise UserError(f"store has no {chosen}; arrays: {', '.join(info['arrays'])}")
     report = {"tile": tile, "stats": stats, "record": read_record(store_path, tile), "heatmap": None}
@@ -156,10 +163,11 @@ def verify(store_path: str | Path) -> dict:
             "problems": problems}
 
 
-def export(store_path: str | Path, *, kernel: str, depth: int, out: str | Path) -> Path:
+def export(store_path: str | Path, *, kernel: str, depth: int, out: str | Path, draw: int | None = None) -> Path:
     """Write the assembled symmetric (N, N) float32 matrix to a .npy file, block by block (no full copy
-    in memory). Blocks never computed (test x test unless asked for) are NaN."""
-    gram = open_gram(store_path, kernel, depth)
+    in memory). Blocks never computed (test x test unless asked for) are NaN. draw: which draw of a
+    random-features kernel ('rf-...'; required there)."""
+    gram = open_gram(store_path, kernel, depth, draw)
     out = Path(out)
     try:
         target = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=gram.shape)

@@ -15,6 +15,7 @@ SOURCE = "Arora et al., NeurIPS 2019 (arXiv 1904.11955)"
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 CIFAR2 = (0, 1)                      # airplane, automobile: the paper's CIFAR-2
 CIFAR2_TRAIN, CIFAR2_TEST = 10_000, 2_000
+PAPER_RF_WIDTH = 128                 # channels of the paper's random-features networks (Table 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Protocol:
     n_test: int
     classes: tuple[int, ...] | None = None
     first_images: bool = True          # False when explicit index lists chose the images
+    rf_width: int | None = None        # random-features network width, when the store has random features
 
     @classmethod
     def from_config(cls, config: dict, *, n_train: int, n_test: int) -> "Protocol":
@@ -71,8 +73,9 @@ class Protocol:
         data = config.get("data", {})
         classes = data.get("classes")
         explicit = data.get("train_index") is not None or data.get("test_index") is not None
+        rf = (config.get("kernel") or {}).get("random_features") or {}
         return cls(n_train=n_train, n_test=n_test, classes=tuple(sorted(classes)) if classes else None,
-                   first_images=not explicit)
+                   first_images=not explicit, rf_width=rf.get("width"))
 
     def describe(self) -> str:
         classes = "all classes" if self.classes is None else f"classes {list(self.classes)}"
@@ -81,9 +84,12 @@ class Protocol:
 
 
 def matching_columns(protocol: Protocol | None) -> dict[str, PaperColumn]:
-    """Kernel key -> the paper column measured under exactly this protocol (none for other protocols)."""
+    """Kernel key -> the paper column measured under exactly this protocol (none for other protocols; the
+    random-features columns also need the paper's network width when the store's width is known)."""
     if protocol is None or not protocol.first_images:
         return {}
+    other_width = protocol.rf_width is not None and protocol.rf_width != PAPER_RF_WIDTH
     return {column.kernel: column for column in COLUMNS
             if (column.n_train, column.n_test, column.classes)
-            == (protocol.n_train, protocol.n_test, protocol.classes)}
+            == (protocol.n_train, protocol.n_test, protocol.classes)
+            and not (other_width and column.kernel.startswith("rf-"))}

@@ -3,6 +3,9 @@
 A row (from cntk_gram.pipeline.solve.solve_store) is a JSON-able dict: kernel, depth, n_train, n_test and, per
 setting ('paper' = lambda 0, 'validated' = lambda chosen on held-out training images), lambda, accuracy
 in [0, 1] (or error) and confusion (rows = true class); or a top-level 'error' for an incomplete kernel.
+Random-features kernels ('rf-...') have one row per draw (with 'draw'); the tables show one line per rf kernel
+and depth instead: the median [min, max] accuracy over its draws (rf_summaries), placed after the exact
+kernel's line of the same depth. The median is what compares with the paper's "RF" columns.
 """
 from __future__ import annotations
 
@@ -36,27 +39,91 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
-def table_cells(rows: list[dict], columns: Columns | None = None) -> list[tuple[str, ...]]:
-    """One tuple of strings per row, in HEADER order; the paper cell is n/a where no column applies."""
-    cells = []
+def _spread(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def _best_val(row: dict) -> float | None:
+    return max((e["accuracy"] for e in row.get("selection", {}).get("val_accuracy", []) if e["accuracy"] is not None),
+               default=None)
+
+
+def rf_summaries(rows: list[dict]) -> list[dict]:
+    """One dict per random-features (kernel, depth), over the rows of its draws:
+    {kernel, depth, draws (with a λ = 0 accuracy), draws_failed (incomplete or not PD at λ = 0), paper / validated: {median, min, max} of the test accuracy
+    (None when no draw has one), val_accuracy: {median, min, max} of the best validation accuracy, lambdas: the
+    validated lambdas chosen, sorted}. Sorted by kernel and depth."""
+    groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
-        value = paper_value(columns, row["kernel"], row["depth"])
-        paper = "n/a" if value is None else f"{value:.2f}"
-        if "error" in row:
-            cells.append((row["kernel"], str(row["depth"]), "incomplete", "", "", "", paper))
+        if row.get("draw") is not None:
+            groups.setdefault((row["kernel"], row["depth"]), []).append(row)
+    out = []
+    for (kernel, depth), members in sorted(groups.items()):
+        def accs(setting):
+            return [r[setting]["accuracy"] for r in members if r.get(setting, {}).get("accuracy") is not None]
+        solved = len(accs("paper"))
+        out.append({"kernel": kernel, "depth": depth, "draws": solved, "draws_failed": len(members) - solved,
+                    "paper": _spread(accs("paper")), "validated": _spread(accs("validated")),
+                    "val_accuracy": _spread([v for v in map(_best_val, members) if v is not None]),
+                    "lambdas": sorted({r["validated"]["lambda"] for r in members if "lambda" in r.get("validated", {})})})
+    return out
+
+
+def _spread_cell(spread: dict | None) -> str:
+    if spread is None:
+        return "n/a"
+    return f"{_pct(spread['median'])} [{_pct(spread['min'])}, {_pct(spread['max'])}]"
+
+
+def _rf_cells(summary: dict, columns: Columns | None) -> tuple[str, ...]:
+    """The table line of one rf kernel and depth: median [min, max] over its draws."""
+    value = paper_value(columns, summary["kernel"], summary["depth"])
+    failed = f", {summary['draws_failed']} failed" if summary["draws_failed"] else ""
+    lambdas = summary["lambdas"]
+    lam = "" if not lambdas else (f"{lambdas[0]:g}" if len(lambdas) == 1 else f"{lambdas[0]:g}..{lambdas[-1]:g}")
+    return (f"{summary['kernel']} (median of {summary['draws']} draws{failed})", str(summary["depth"]),
+            _spread_cell(summary["paper"]), lam,
+            "" if summary["val_accuracy"] is None else _pct(summary["val_accuracy"]["median"]),
+            "" if summary["validated"] is None else _spread_cell(summary["validated"]),
+            "n/a" if value is None else f"{value:.2f}")
+
+
+def table_cells(rows: list[dict], columns: Columns | None = None) -> list[tuple[str, ...]]:
+    """One tuple of strings per exact row, in HEADER order, and one per random-features kernel and depth (the
+    median [min, max] over its draws), placed after the exact kernel's row of the same depth ('rf-ntk-gap' after
+    'ntk-gap'; at the end without one). The paper cell is n/a where no column applies."""
+    cells = []
+    rf = {(s["kernel"], s["depth"]): s for s in rf_summaries(rows)}
+    placed = set()
+    for row in rows:
+        if row.get("draw") is not None:
             continue
-        p, v, sel = row.get("paper", {}), row.get("validated", {}), row.get("selection", {})
-        if "error" in p:
-            working = p.get("smallest_working_lambda")
-            acc0 = "not PD" + (f" (min λ {working:g})" if working is not None else "")
-        else:
-            acc0 = _pct(p.get("accuracy"))
-        best_val = max((e["accuracy"] for e in sel.get("val_accuracy", []) if e["accuracy"] is not None),
-                       default=None)
-        lam = "" if "lambda" not in v else f"{v['lambda']:g}"
-        acc_v = ("not PD" if "error" in v else _pct(v.get("accuracy"))) if v else ""
-        cells.append((row["kernel"], str(row["depth"]), acc0, lam, _pct(best_val) if v else "", acc_v, paper))
+        cells.append(_exact_cells(row, columns))
+        twin = (f"rf-{row['kernel']}", row["depth"])
+        if twin in rf:
+            cells.append(_rf_cells(rf[twin], columns))
+            placed.add(twin)
+    cells += [_rf_cells(summary, columns) for key, summary in rf.items() if key not in placed]
     return cells
+
+
+def _exact_cells(row: dict, columns: Columns | None) -> tuple[str, ...]:
+    value = paper_value(columns, row["kernel"], row["depth"])
+    paper = "n/a" if value is None else f"{value:.2f}"
+    if "error" in row:
+        return (row["kernel"], str(row["depth"]), "incomplete", "", "", "", paper)
+    p, v = row.get("paper", {}), row.get("validated", {})
+    if "error" in p:
+        working = p.get("smallest_working_lambda")
+        acc0 = "not PD" + (f" (min λ {working:g})" if working is not None else "")
+    else:
+        acc0 = _pct(p.get("accuracy"))
+    best_val = _best_val(row)
+    lam = "" if "lambda" not in v else f"{v['lambda']:g}"
+    acc_v = ("not PD" if "error" in v else _pct(v.get("accuracy"))) if v else ""
+    return (row["kernel"], str(row["depth"]), acc0, lam, _pct(best_val) if v else "", acc_v, paper)
 
 
 def format_table(rows: list[dict], columns: Columns | None = None) -> str:
@@ -78,6 +145,7 @@ def best_row(rows: list[dict]) -> tuple[dict | None, str]:
         accs = [e["accuracy"] for e in row.get("selection", {}).get("val_accuracy", []) if e["accuracy"] is not None]
         return max(accs) if accs and "confusion" in row.get("validated", {}) else None
 
+    rows = [r for r in rows if r.get("draw") is None] or rows  # an exact kernel unless the store has none
     scored = [(val(r), r) for r in rows if val(r) is not None]
     if scored:
         return max(scored, key=lambda s: s[0])[1], "validated"
@@ -90,9 +158,18 @@ def best_row(rows: list[dict]) -> tuple[dict | None, str]:
 def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, columns: Columns | None = None) -> Path:
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
+    rf = rf_summaries(rows)
     for i, key in enumerate(sorted({r["kernel"] for r in rows})):
         color = f"C{i}"
-        mine = sorted((r for r in rows if r["kernel"] == key and "error" not in r), key=lambda r: r["depth"])
+        spreads = sorted((s for s in rf if s["kernel"] == key and s["paper"] is not None), key=lambda s: s["depth"])
+        if spreads:  # random features: median over draws, bars from min to max
+            med = np.array([100 * s["paper"]["median"] for s in spreads])
+            low = med - [100 * s["paper"]["min"] for s in spreads]
+            high = [100 * s["paper"]["max"] for s in spreads] - med
+            ax.errorbar([s["depth"] for s in spreads], med, yerr=[low, high], fmt=":^", color=color, capsize=3,
+                        label=f"{key} λ=0 (median, min-max over draws)")
+        mine = sorted((r for r in rows if r["kernel"] == key and "error" not in r and r.get("draw") is None),
+                      key=lambda r: r["depth"])
         for setting, style, label in (("paper", "-o", "λ=0"), ("validated", "--s", "λ validated")):
             pts = [(r["depth"], 100 * r[setting]["accuracy"]) for r in mine
                    if r.get(setting, {}).get("accuracy") is not None]
@@ -175,16 +252,24 @@ def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | 
              "accuracy_plot": plot_accuracy_vs_depth(rows, out / "accuracy_vs_depth.png", title=title,
                                                      columns=columns)}
     summary = {"title": title, "rows": rows, "paper_reference": paper_summary(protocol, columns), **(extra or {})}
+    rf = rf_summaries(rows)
+    if rf:
+        summary["rf_summary"] = rf
     lines = [f"# {title}", "", markdown_table(rows, columns), "", paper_note(protocol, columns), ""]
+    if rf:
+        lines += ["rf-... rows: random features (the empirical kernel of one random finite-width network per draw): "
+                  "median [min, max] of the test accuracy over the draws; the median is what the paper reports. "
+                  "Per-draw rows are in results.json.", ""]
     lines += ["λ=0 is the paper's setting; λ* = λ·mean(diag K) ridge chosen on a validation split of the "
               "training images (test labels never used for the choice).", ""]
     if best is not None:
         setting = best[chosen_by]
         how = "validation accuracy" if chosen_by == "validated" else "test accuracy (no validation run)"
         summary["best"] = {"kernel": best["kernel"], "depth": best["depth"], "setting": chosen_by, "chosen_by": how}
+        draw = "" if best.get("draw") is None else f" draw {best['draw']}"
         paths["confusion_plot"] = plot_confusion(
             setting["confusion"], out / "confusion_best.png",
-            title=f"{best['kernel']} depth {best['depth']}, λ={setting['lambda']:g}: "
+            title=f"{best['kernel']}{draw} depth {best['depth']}, λ={setting['lambda']:g}: "
                   f"{100 * setting['accuracy']:.2f}% (chosen by {summary['best']['chosen_by']})")
         lines += [f"Best kernel (by {summary['best']['chosen_by']}): {best['kernel']} depth {best['depth']}.", ""]
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")

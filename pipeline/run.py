@@ -104,8 +104,16 @@ def _submit_tile(client, config: RunConfig, tile: tuple[int, int], *, backend: s
     """One run_tile task for `tile` of config.store (absolute path); key None lets Dask name it."""
     kernel = config.kernel
     return client.submit(run_tile, config.store, tile[0], tile[1], backend=backend, archs=kernel.archs,
-                         kinds=kernel.kinds, depths=kernel.depths, key=key, retries=config.cluster.retries,
-                         pure=False)
+                         kinds=kernel.kinds, depths=kernel.depths, random_features=rf_task_options(config),
+                         key=key, retries=config.cluster.retries, pure=False)
+
+
+def rf_task_options(config: RunConfig) -> dict | None:
+    """The random_features argument of a tile task: None, or its archs, width, draws, seed and max_bytes."""
+    rf = config.kernel.random_features
+    if rf is None:
+        return None
+    return {"archs": config.kernel.rf_archs, **dataclasses.asdict(rf)}
 
 
 def store_id(store_path: str | os.PathLike) -> str:
@@ -142,7 +150,8 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
             _execute(client, prep.todo, config=_with_absolute_store(config), backend=backend,
                      pairs_todo=pairs_todo, progress=progress)
     return {
-        "store": str(config.store), "backend": backend, "kernels": list(config.kernel.keys),
+        "store": str(config.store), "backend": backend,
+        "kernels": list(config.kernel.keys) + list(config.kernel.rf_keys),
         "depths": list(config.kernel.depths), "n_train": prep.inputs.n_train, "n_test": prep.inputs.n_test,
         "tile": config.tiles.size, "tiles_total": len(prep.planned),
         "tiles_done_before": len(prep.done - prep.damaged), "tiles_damaged": len(prep.damaged),

@@ -402,17 +402,19 @@ def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) ->
 
 
 def solve_store(store_path, *, kernels=None, depths=None, progress=None, **options) -> list[dict]:
-    """Solve every (kernel, depth) of a store, save alpha/scores/predictions under solve/, return rows.
+    """Solve every (kernel, depth) of a store, and every draw of a random-features kernel; save
+    alpha/scores/predictions under solve/, return rows.
 
     kernels/depths: optional filters. options: lambdas, val_fraction, seed, validate, device,
-    memory_budget, panel_width, scratch_dir. A row is JSON-able: kernel, depth, n_train, n_test and per
-    setting ('paper': lam = 0, 'validated') lambda, accuracy (or error), confusion; plus 'selection'.
-    Incomplete kernels give a row with 'error' instead of failing the whole store.
+    memory_budget, panel_width, scratch_dir. A row is JSON-able: kernel, depth, n_train, n_test, draw (only for
+    random-features kernels, 'rf-...') and per setting ('paper': lam = 0, 'validated') lambda, accuracy (or
+    error), confusion; plus 'selection'. Incomplete kernels give a row with 'error' instead of failing the whole
+    store. Rows come sorted by kernel, depth, draw.
     """
     import zarr
 
     from cntk_gram.pipeline.errors import UserError
-    from cntk_gram.pipeline.store import layout, open_gram, read_inputs, stored_kernels
+    from cntk_gram.pipeline.store import layout, open_gram, read_inputs, stored_arrays
 
     inputs = read_inputs(store_path)
     labels, n_train = np.asarray(inputs["labels"], dtype=np.int64), inputs["n_train"]
@@ -420,26 +422,31 @@ def solve_store(store_path, *, kernels=None, depths=None, progress=None, **optio
         raise UserError(f"store {store_path}: inputs/split must list train rows before test rows")
     if inputs["n_test"] == 0:
         raise UserError(f"store {store_path} has no test images; nothing to score")
-    stored = stored_kernels(layout(store_path))
-    todo = [(k, d) for k, d in stored if (not kernels or k in kernels) and (not depths or d in depths)]
-    unknown = [f"--kernel {k}" for k in kernels or () if k not in {s[0] for s in stored}] + \
-              [f"--depth {d}" for d in depths or () if d not in {s[1] for s in stored}]
+    stored = stored_arrays(layout(store_path))
+    todo = [a for a in stored if (not kernels or a.key in kernels) and (not depths or a.depth in depths)]
+    unknown = [f"--kernel {k}" for k in kernels or () if k not in {a.key for a in stored}] + \
+              [f"--depth {d}" for d in depths or () if d not in {a.depth for a in stored}]
     if unknown or not todo:
-        available = ", ".join(f"{k}@{d}" for k, d in stored)
+        available = ", ".join(sorted({f"{a.key}@{a.depth}" for a in stored}))
         raise UserError(f"{', '.join(unknown) or '--kernel/--depth'}: not in {store_path}; "
                         f"the store has {available}")
     group = zarr.open_group(str(store_path), mode="r+")
     rows = []
-    for key, depth in todo:
+    for key, depth, draw in todo:
+        where = "" if draw is None else f" draw {draw}"
         if progress:
-            progress(f"solving {key} depth {depth}")
+            progress(f"solving {key} depth {depth}{where}")
         row = {"kernel": key, "depth": depth, "n_train": n_train, "n_test": inputs["n_test"]}
+        if draw is not None:
+            row["draw"] = draw
         try:
-            result = solve_kernel(open_gram(store_path, key, depth), labels=labels, n_train=n_train, **options)
+            result = solve_kernel(open_gram(store_path, key, depth, draw), labels=labels, n_train=n_train,
+                                  **options)
         except (IncompleteKernel, NotPositiveDefinite) as err:
             rows.append({**row, "error": str(err)})
             continue
-        _save(group, f"solve/{key}/depth-{depth}", result, labels[n_train:], row)
+        path = f"solve/{key}/depth-{depth}" + ("" if draw is None else f"/draw-{draw}")
+        _save(group, path, result, labels[n_train:], row)
         rows.append(row)
     return rows
 

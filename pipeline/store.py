@@ -6,8 +6,10 @@ Layout (a user-facing contract; see README "Store contract"):
     inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test
     gram/{kind}-{arch}/depth-{D}  float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
                                   only chunks (I, J) with I <= J are written
+    gram/rf-{kind}-{arch}/depth-{D}/draw-{R}   the same, for random-features draw R (kernel.random_features)
     tiles/done/{I}-{J}            completion record (cntk_gram.pipeline.records)
-    attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays}
+    attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays},
+           random_features {torch, width, draws, seed} (only with random features)
 
 A record is written atomically after every chunk of its tile; it holds the crc32c of each chunk's
 decoded float32 bytes, so a damaged or missing chunk is detected and the tile recomputed on resume.
@@ -22,6 +24,7 @@ import time
 import uuid
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import crc32c
 import dask.array as da
@@ -50,26 +53,64 @@ def package_version() -> str:
             return "unknown"
 
 
-def array_name(key: str, depth: int) -> str:
-    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'. The inverse is parse_array_name."""
-    return f"gram/{key}/depth-{depth}"
+class ArrayName(NamedTuple):
+    """A Gram array's key, depth and random-features draw (None for the exact kernels)."""
+    key: str
+    depth: int
+    draw: int | None = None
 
 
-def parse_array_name(name: str) -> tuple[str, int]:
-    """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11); ValueError for any other name."""
-    match = re.fullmatch(r"gram/([^/]+)/depth-([0-9]+)", name)
+def array_name(key: str, depth: int, draw: int | None = None) -> str:
+    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'; 'rf-ntk-gap', 11, 0 -> 'gram/rf-ntk-gap/depth-11/draw-0'.
+    The inverse is parse_array_name."""
+    return f"gram/{key}/depth-{depth}" + ("" if draw is None else f"/draw-{draw}")
+
+
+def parse_array_name(name: str) -> ArrayName:
+    """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11, None); 'gram/rf-ntk-gap/depth-3/draw-2' -> ('rf-ntk-gap', 3, 2);
+    ValueError for any other name."""
+    match = re.fullmatch(r"gram/([^/]+)/depth-([0-9]+)(?:/draw-([0-9]+))?", name)
     if not match:
-        raise ValueError(f"not a Gram array name: {name!r} (expected gram/{{kind}}-{{arch}}/depth-{{D}})")
-    return match.group(1), int(match.group(2))
+        raise ValueError(f"not a Gram array name: {name!r} "
+                         f"(expected gram/{{kind}}-{{arch}}/depth-{{D}} or gram/rf-{{kind}}-{{arch}}/depth-{{D}}/draw-{{R}})")
+    draw = match.group(3)
+    return ArrayName(match.group(1), int(match.group(2)), None if draw is None else int(draw))
+
+
+def _order(name: ArrayName) -> tuple:
+    return name.key, name.depth, -1 if name.draw is None else name.draw
+
+
+def stored_arrays(info: dict) -> list[ArrayName]:
+    """Every Gram array of a store's layout, sorted by key, depth, draw."""
+    return sorted((parse_array_name(name) for name in info["arrays"]), key=_order)
 
 
 def stored_kernels(info: dict) -> list[tuple[str, int]]:
-    """[(key, depth), ...] of the Gram arrays in a store's layout, sorted."""
-    return sorted(parse_array_name(name) for name in info["arrays"])
+    """[(key, depth), ...] of the Gram arrays in a store's layout (each once, whatever its draws), sorted."""
+    return sorted({(name.key, name.depth) for name in stored_arrays(info)})
+
+
+def stored_draws(info: dict, key: str) -> list[int]:
+    """The draws stored for a random-features kernel key (empty for an exact kernel)."""
+    return sorted({name.draw for name in stored_arrays(info) if name.key == key and name.draw is not None})
 
 
 def planned_arrays(config: RunConfig) -> list[str]:
-    return [array_name(key, depth) for key in config.kernel.keys for depth in config.kernel.depths]
+    """The exact arrays, then every random-features draw (kernel.random_features)."""
+    kernel = config.kernel
+    names = [array_name(key, depth) for key in kernel.keys for depth in kernel.depths]
+    if kernel.random_features is not None:
+        names += [array_name(key, depth, draw) for key in kernel.rf_keys for depth in kernel.depths
+                  for draw in range(kernel.random_features.draws)]
+    return names
+
+
+def torch_version() -> str | None:
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 # --- creating and opening -------------------------------------------------------------------------
@@ -131,6 +172,10 @@ def _create(path: Path, *, config: RunConfig, inputs: Inputs, digest: str) -> No
             "layout": {"n_train": inputs.n_train, "n_test": inputs.n_test, "tile": t,
                        "test_test": config.data.test_test, "arrays": planned_arrays(config)},
         })
+        rf = config.kernel.random_features
+        if rf is not None:  # each tile record also names the torch version of the worker that computed it
+            group.attrs.update({"random_features": {"torch": torch_version(), "width": rf.width,
+                                                    "draws": rf.draws, "seed": rf.seed}})
         os.rename(tmp, path)
     finally:
         if tmp.exists():
@@ -268,18 +313,28 @@ def _read_block(store_path: str, name: str, bounds: list, i: int, j: int) -> np.
     return np.ascontiguousarray(array[r0:r1, c0:c1].T)
 
 
-def open_gram(store_path: str | Path, key: str, depth: int) -> da.Array:
+def open_gram(store_path: str | Path, key: str, depth: int, draw: int | None = None) -> da.Array:
     """Lazy symmetric (N, N) float32 dask array, chunks (tile, tile); block (I, J) with I > J is read as
-    the transpose of stored block (J, I). Blocks never computed (e.g. test x test) read as NaN."""
+    the transpose of stored block (J, I). Blocks never computed (e.g. test x test) read as NaN.
+    draw: which random-features draw of an 'rf-...' key (required there, None for exact kernels)."""
     info = layout(store_path)
-    name = array_name(key, depth)
+    name = array_name(key, depth, draw)
     if name not in info["arrays"]:
         kernels = sorted({key for key, _ in stored_kernels(info)})
         depths = sorted({depth for _, depth in stored_kernels(info)})
-        raise UserError(f"store {store_path} has no {name}; kernels: {', '.join(kernels)}; depths: {depths}")
+        draws = stored_draws(info, key)
+        if draws and draw is None:
+            hint = f"; {key} needs a draw ({draws[0]}..{draws[-1]}, e.g. --draw 0)"
+        elif draws:
+            hint = f"; draws of {key}: {draws[0]}..{draws[-1]}"
+        elif draw is not None:
+            hint = f"; {key} is not a random-features kernel: drop the draw"
+        else:
+            hint = ""
+        raise UserError(f"store {store_path} has no {name}; kernels: {', '.join(kernels)}; depths: {depths}{hint}")
     bounds = bounds_of(info)
     sizes = tuple(stop - start for start, stop in bounds)
-    graph_name = f"gram-{key}-{depth}-{uuid.uuid4().hex[:8]}"
+    graph_name = f"gram-{key}-{depth}-{'' if draw is None else draw}-{uuid.uuid4().hex[:8]}"
     tasks = {(graph_name, i, j): (_read_block, str(store_path), name, bounds, i, j)
              for i in range(len(bounds)) for j in range(len(bounds))}
     graph = HighLevelGraph.from_collections(graph_name, tasks, dependencies=[])

@@ -1,4 +1,5 @@
-"""The unit of work: one tile, every requested kernel and depth, run on a Dask worker.
+"""The unit of work: one tile, every requested kernel and depth (and every random-features draw), run on a
+Dask worker.
 
 run_tile is what the client submits: it skips a tile whose run was cancelled or that is already done
 and intact (a second submission, or a task that started after another writer finished the tile), and
@@ -17,7 +18,7 @@ from cntk_gram.pipeline.store import array_name, bounds_of, layout, verify_tile,
 
 
 def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
-             kinds: tuple[str, ...], depths: tuple[int, ...]) -> dict:
+             kinds: tuple[str, ...], depths: tuple[int, ...], random_features: dict | None = None) -> dict:
     """compute_tile unless the store's run was cancelled or the tile is already done and intact.
 
     Same arguments as compute_tile. Returns compute_tile's dict, or {'tile', 'pairs': 0, 'seconds': 0,
@@ -28,16 +29,19 @@ def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str,
         return {**skipped, "skipped": "cancelled"}
     if not verify_tile(store_path, (I, J), deep=False):
         return {**skipped, "skipped": "done"}
-    return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths)
+    return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths,
+                        random_features=random_features)
 
 
 def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
-                 kinds: tuple[str, ...], depths: tuple[int, ...]) -> dict:
+                 kinds: tuple[str, ...], depths: tuple[int, ...], random_features: dict | None = None) -> dict:
     """Compute tile (I, J) and write it into the store; return {'tile', 'pairs', 'seconds', 'compute_seconds'}.
 
     Reads rows I and columns J of inputs/images from the store, runs the backend once with
     max_depth = max(depths), writes one chunk per (kind, arch, depth), then the completion record.
-    Deterministic for a given backend, so a recomputed tile is bit-identical.
+    random_features: None, or {'archs', 'width', 'draws', 'seed', 'max_bytes'}: then every draw's
+    random-features kernels (rf_tile_kernels, on CUDA for the gpu backend, else the CPU) are computed too,
+    and the one record covers them all. Deterministic for a given backend, so a recomputed tile is bit-identical.
     """
     from cntk_gram.workers.backends import get_backend  # imported on the worker: the GPU backend needs its device
 
@@ -51,13 +55,39 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     computed = time.time()
     blocks = {array_name(f"{kind}-{arch}", depth): kernels[f"{kind}-{arch}"][depth - 2]
               for arch in archs for kind in kinds for depth in depths}
+    extra = {}
+    if random_features:
+        blocks.update(_rf_blocks(x, y, backend=backend, kinds=kinds, depths=depths, **random_features))
+        extra = {"torch": _torch_version(), "rf_seconds": time.time() - computed}
+        computed = time.time()
     record = write_tile(store_path, (I, J), blocks, {
         "pairs": tile_pairs(bounds, (I, J)), "backend": backend, "host": socket.gethostname(),
         "worker": _worker_address(),
-        "started": started, "compute_seconds": computed - started,
+        "started": started, "compute_seconds": computed - started, **extra,
     })
     return {"tile": (I, J), "pairs": record["pairs"], "seconds": record["finished"] - started,
             "compute_seconds": record["compute_seconds"]}
+
+
+def _rf_blocks(x, y, *, backend: str, kinds, depths, archs, width: int, draws: int, seed: int,
+               max_bytes: int) -> dict:
+    """{array name: (n, m) float32 block} of every random-features kernel, depth and draw of one tile."""
+    from cntk_gram.workers.rf import rf_tile_kernels  # needs torch: imported on the worker only
+
+    device = "cuda" if backend == "gpu" else "cpu"
+    blocks = {}
+    for draw in range(draws):
+        kernels = rf_tile_kernels(x, y, archs=tuple(archs), depths=tuple(depths), kinds=tuple(kinds), width=width,
+                                  draw=draw, seed=seed, max_bytes=max_bytes, device=device)
+        for key, stack in kernels.items():
+            for i, depth in enumerate(depths):
+                blocks[array_name(key, depth, draw)] = stack[i]
+    return blocks
+
+
+def _torch_version() -> str:
+    import torch
+    return torch.__version__
 
 
 def _worker_address() -> str | None:
