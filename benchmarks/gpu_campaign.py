@@ -239,7 +239,8 @@ def stage_table(c: Campaign, stage: str) -> dict:
             continue
         store = c.work / f"{run.name}.zarr"
         args = ["run", run.config, "--backend", "cpu" if c.rehearse else "gpu", "--store", str(store),
-                "--archs", run.arch, "--kinds", "ntk", "--depths", ",".join(map(str, depths)), "--no-progress"]
+                "--archs", run.arch, "--kinds", "ntk", "--depths", ",".join(map(str, depths)), "--no-progress",
+                "--no-random-features"]   # the exact columns; random features are a stage of their own when added
         if run.train:
             args += ["--train", str(run.train), "--test", str(run.test), "--tile-size", str(run.train // 2)]
         if c.data_root:
