@@ -3,8 +3,10 @@
 The YAML users write (every key optional except where noted):
 
     data:    {source: cifar10, root: DIR, train: 2000, test: 2000, classes: [0, 1],
-              train_index: [...], test_index: [...], test_test: false, download: true}
+              train_index: [...], test_index: [...], test_test: false, download: true,
+              preprocess: standard, zca_epsilon: 0.1}        # preprocess: standard | zca (docs/enhanced.md)
     kernel:  {archs: [vanilla, gap], kinds: [ntk, nngp], depths: [3, 4, 6, 11, 21],
+              lap: [2, 4, 8], flip: false,                   # LAP(c) readouts (need gap), flip-averaged kernels
               random_features: {width: 128, draws: 10, seed: 0, max_bytes: 1GiB}}   # optional; needs torch
     tiles:   {size: 500}
     backend: auto                 # auto | cpu | gpu
@@ -27,6 +29,8 @@ from typing import Any
 import yaml
 
 from cntk_gram.pipeline.errors import UserError
+from cntk_gram.workers.enhanced import check_lap, output_keys
+from cntk_gram.workers.preprocess import check_zca_epsilon
 
 ARCHS = ("vanilla", "gap", "fc")
 KINDS = ("ntk", "nngp")
@@ -34,6 +38,9 @@ BACKENDS = ("auto", "cpu", "gpu")
 SOURCES = ("cifar10",)
 N_CLASSES = 10
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+PREPROCESS = ("standard", "zca")
+MAX_LAP = 8                         # LAP sizes per pass: the GPU kernel's limit, kept for every backend so that a
+                                    # store can be resumed on either
 RF_ARCHS = ("vanilla", "gap")       # the architectures that have a finite random-features network
 BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -56,7 +63,9 @@ class RandomFeaturesConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which images. `train`/`test`: first N of each split (after class filtering); None = all."""
+    """Which images. `train`/`test`: first N of each split (after class filtering); None = all.
+    preprocess: "standard" (the paper's per-channel standardisation) or "zca" (then ZCA whitening fitted on the
+    selected training images, regulariser zca_epsilon * mean eigenvalue; zca_epsilon is ignored for "standard")."""
     source: str = "cifar10"
     root: str = "data"
     train: int | None = None
@@ -66,6 +75,8 @@ class DataConfig:
     test_index: tuple[int, ...] | None = None
     test_test: bool = False
     download: bool = True
+    preprocess: str = "standard"
+    zca_epsilon: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,12 +84,16 @@ class KernelConfig:
     archs: tuple[str, ...] = ("vanilla", "gap")
     kinds: tuple[str, ...] = ("ntk", "nngp")
     depths: tuple[int, ...] = (3, 4, 6, 11, 21)
+    lap: tuple[int, ...] = ()
+    flip: bool = False
     random_features: RandomFeaturesConfig | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """Kernel keys '{kind}-{arch}' in a fixed order (arch-major)."""
-        return tuple(f"{kind}-{arch}" for arch in self.archs for kind in self.kinds)
+        """Exact kernel keys in the tile call's order (cntk_gram.workers.enhanced.output_keys) for the chosen kinds:
+        '{kind}-{arch}' (arch-major), '{kind}-lap{c}', then with flip every one of them again + '-flip'."""
+        return tuple(key for key in output_keys(self.archs, self.lap, self.flip)
+                     if key.split("-", 1)[0] in self.kinds)
 
     @property
     def rf_archs(self) -> tuple[str, ...]:
@@ -124,6 +139,8 @@ class RunConfig:
 SECTIONS = {"data": DataConfig, "kernel": KernelConfig, "tiles": TileConfig, "cluster": ClusterConfig}
 # Fields that do not change any computed number: ignored when a store's config is compared on resume.
 NON_RESULT_FIELDS = ("data.root", "data.download", "backend", "store", "cluster", "kernel.random_features.max_bytes")
+# Fields added after stores were first made: a store's config without them means these values.
+ABSENT_MEANS = {"kernel.lap": [], "kernel.flip": False, "data.preprocess": "standard"}
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -195,6 +212,11 @@ def result_fields(config_dict: dict[str, Any]) -> dict[str, Any]:
             flat[prefix] = value
 
     walk("", config_dict)
+    for name, value in ABSENT_MEANS.items():
+        if flat.get(name, value) == value:
+            flat.pop(name, None)
+    if flat.get("data.preprocess") != "zca":  # the epsilon only changes numbers of a ZCA store
+        flat.pop("data.zca_epsilon", None)
     return flat
 
 
@@ -234,7 +256,35 @@ def _data(raw: dict) -> DataConfig:
         train_index=indexes["train"], test_index=indexes["test"],
         test_test=_bool("data.test_test", raw.get("test_test", False)),
         download=_bool("data.download", raw.get("download", True)),
+        preprocess=_choice("data.preprocess", raw.get("preprocess", DataConfig.preprocess), PREPROCESS),
+        zca_epsilon=_zca_epsilon(raw.get("zca_epsilon", DataConfig.zca_epsilon)),
     )
+
+
+def _zca_epsilon(value: Any) -> float:
+    try:
+        return check_zca_epsilon(value)
+    except ValueError as exc:
+        raise UserError(f"data.{exc}") from None
+
+
+def _lap(value: Any, archs: tuple[str, ...]) -> tuple[int, ...]:
+    """LAP sizes: distinct integers >= 0, sorted; at most MAX_LAP; only with the gap architecture."""
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"kernel.lap: must be a list of integers >= 0 (pixels of shift per axis, e.g. [2, 4, 8]), "
+                        f"got {value!r}")
+    try:
+        lap = check_lap(value, archs)
+    except ValueError as exc:
+        raise UserError(f"kernel.{exc}") from None
+    if len(lap) > MAX_LAP:
+        raise UserError(f"kernel.lap: at most {MAX_LAP} distinct sizes per store (the GPU kernel's limit), "
+                        f"got {len(lap)}: {list(lap)}")
+    return tuple(sorted(lap))
 
 
 def _kernel(raw: dict) -> KernelConfig:
@@ -251,7 +301,9 @@ def _kernel(raw: dict) -> KernelConfig:
         if not any(a in RF_ARCHS for a in archs):
             raise UserError(f"kernel.random_features: needs an architecture with a random network in kernel.archs; "
                             f"allowed: {', '.join(RF_ARCHS)}")
-    return KernelConfig(archs=archs, kinds=kinds, depths=tuple(sorted(set(depths))), random_features=rf)
+    return KernelConfig(archs=archs, kinds=kinds, depths=tuple(sorted(set(depths))),
+                        lap=_lap(raw.get("lap"), archs), flip=_bool("kernel.flip", raw.get("flip", False)),
+                        random_features=rf)
 
 
 def _random_features(raw: Any) -> RandomFeaturesConfig:

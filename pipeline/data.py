@@ -16,7 +16,7 @@ import numpy as np
 
 from cntk_gram.pipeline.config import DataConfig
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.workers.preprocess import channel_stats, preprocess
+from cntk_gram.workers.preprocess import channel_stats, preprocess, zca_apply, zca_fit
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -31,6 +31,9 @@ class Inputs:
 
     images (N, 32, 32, 3) float32 preprocessed; labels (N,) int64; index (N,) int64 into the original
     split; split (N,) int8, 0 = train, 1 = test; mean, std (3,) float64 of the selected training images.
+    zca: None (data.preprocess standard), or what identifies the whitening: {"epsilon", "source_fingerprint" (of
+    the standardised images before whitening), "mean_sha256", "matrix_sha256" (float64 bytes of zca_fit's mean
+    (D,) and matrix (D, D))}; the images are then the whitened ones.
     """
     images: np.ndarray
     labels: np.ndarray
@@ -38,6 +41,7 @@ class Inputs:
     split: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    zca: dict | None = None
 
     @property
     def n_train(self) -> int:
@@ -49,7 +53,8 @@ class Inputs:
 
 
 def prepare_inputs(data: DataConfig) -> Inputs:
-    """Load CIFAR-10, select the configured subsets, standardise with the selected training images."""
+    """Load CIFAR-10, select the configured subsets, standardise with the selected training images and, with
+    data.preprocess zca, whiten train and test with the ZCA fitted on the selected (standardised) training images."""
     raw = load_cifar10(root=data.root, download=data.download)
     rows = {}
     for split, count, explicit in (("train", data.train, data.train_index), ("test", data.test, data.test_index)):
@@ -58,13 +63,30 @@ def prepare_inputs(data: DataConfig) -> Inputs:
         rows[split] = (raw[f"{split}_images"][index], labels[index], index)
     mean, std = channel_stats(rows["train"][0])
     images = np.concatenate([preprocess(rows[s][0], mean, std) for s in ("train", "test")])
-    return Inputs(
-        images=images,
-        labels=np.concatenate([rows[s][1] for s in ("train", "test")]).astype(np.int64),
-        index=np.concatenate([rows[s][2] for s in ("train", "test")]).astype(np.int64),
-        split=np.repeat(np.array([0, 1], np.int8), [len(rows["train"][2]), len(rows["test"][2])]),
-        mean=mean, std=std,
-    )
+    labels = np.concatenate([rows[s][1] for s in ("train", "test")]).astype(np.int64)
+    index = np.concatenate([rows[s][2] for s in ("train", "test")]).astype(np.int64)
+    split = np.repeat(np.array([0, 1], np.int8), [len(rows["train"][2]), len(rows["test"][2])])
+    zca = None
+    if data.preprocess == "zca":
+        images, zca = whiten(images, split=split, epsilon=data.zca_epsilon)
+        zca["source_fingerprint"] = fingerprint_arrays(images=zca.pop("source"), labels=labels, index=index,
+                                                       split=split)
+    return Inputs(images=images, labels=labels, index=index, split=split, mean=mean, std=std, zca=zca)
+
+
+def whiten(images: np.ndarray, *, split: np.ndarray, epsilon: float) -> tuple[np.ndarray, dict]:
+    """ZCA (cntk_gram.workers.preprocess.zca_fit) fitted on the rows with split 0 only, applied to every row.
+
+    images: (N, P, Q, C) float32 standardised; split: (N,) int8. Returns the whitened (N, P, Q, C) float32 images and
+    {"epsilon", "mean_sha256", "matrix_sha256", "source": the standardised images}."""
+    if int((split == 0).sum()) < 2:
+        raise UserError(f"data.preprocess zca: needs at least 2 training images, got {int((split == 0).sum())}")
+    params = zca_fit(images[split == 0], epsilon)
+    return zca_apply(images, params), {
+        "epsilon": params["epsilon"], "source": images,
+        "mean_sha256": hashlib.sha256(np.ascontiguousarray(params["mean"]).tobytes()).hexdigest(),
+        "matrix_sha256": hashlib.sha256(np.ascontiguousarray(params["matrix"]).tobytes()).hexdigest(),
+    }
 
 
 def select_indices(*, labels: np.ndarray, count: int | None, classes: tuple[int, ...] | None,

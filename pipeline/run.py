@@ -104,7 +104,8 @@ def _submit_tile(client, config: RunConfig, tile: tuple[int, int], *, backend: s
     """One run_tile task for `tile` of config.store (absolute path); key None lets Dask name it."""
     kernel = config.kernel
     return client.submit(run_tile, config.store, tile[0], tile[1], backend=backend, archs=kernel.archs,
-                         kinds=kernel.kinds, depths=kernel.depths, random_features=rf_task_options(config),
+                         kinds=kernel.kinds, depths=kernel.depths, lap=kernel.lap, flip=kernel.flip,
+                         random_features=rf_task_options(config),
                          key=key, retries=config.cluster.retries, pure=False)
 
 

@@ -2,14 +2,17 @@
 
 Layout (a user-facing contract; see README "Store contract"):
 
-    inputs/images  float32 (N, 32, 32, 3)  preprocessed, chunks of `tile` rows
+    inputs/images  float32 (N, 32, 32, 3)  preprocessed (standardised, or ZCA-whitened), chunks of `tile` rows
     inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test
-    gram/{kind}-{arch}/depth-{D}  float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
-                                  only chunks (I, J) with I <= J are written
+    gram/{key}/depth-{D}          float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
+                                  only chunks (I, J) with I <= J are written. key: an output key of the tile
+                                  call (cntk_gram.workers.enhanced.output_keys): {kind}-{arch}, {kind}-lap{c},
+                                  and with kernel.flip each of them + '-flip' (ntk-gap-flip, ntk-lap4-flip)
     gram/rf-{kind}-{arch}/depth-{D}/draw-{R}   the same, for random-features draw R (kernel.random_features)
     tiles/done/{I}-{J}            completion record (cntk_gram.pipeline.records)
     attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays},
-           random_features {torch, width, draws, seed} (only with random features)
+           preprocessing {mean, std, zca (only with data.preprocess zca: epsilon, source_fingerprint,
+           mean_sha256, matrix_sha256)}, random_features {torch, width, draws, seed} (only with random features)
 
 A record is written atomically after every chunk of its tile; it holds the crc32c of each chunk's
 decoded float32 bytes, so a damaged or missing chunk is detected and the tile recomputed on resume.
@@ -53,6 +56,9 @@ def package_version() -> str:
             return "unknown"
 
 
+KEY = re.compile(r"[a-z]+[0-9]*(?:-[a-z]+[0-9]*)+")   # ntk-gap, ntk-lap4, nngp-lap16-flip, rf-ntk-gap
+
+
 class ArrayName(NamedTuple):
     """A Gram array's key, depth and random-features draw (None for the exact kernels)."""
     key: str
@@ -61,18 +67,18 @@ class ArrayName(NamedTuple):
 
 
 def array_name(key: str, depth: int, draw: int | None = None) -> str:
-    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'; 'rf-ntk-gap', 11, 0 -> 'gram/rf-ntk-gap/depth-11/draw-0'.
-    The inverse is parse_array_name."""
+    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'; 'rf-ntk-gap', 11, 0 -> 'gram/rf-ntk-gap/depth-11/draw-0';
+    'ntk-lap4-flip', 11 -> 'gram/ntk-lap4-flip/depth-11'. The inverse is parse_array_name."""
     return f"gram/{key}/depth-{depth}" + ("" if draw is None else f"/draw-{draw}")
 
 
 def parse_array_name(name: str) -> ArrayName:
     """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11, None); 'gram/rf-ntk-gap/depth-3/draw-2' -> ('rf-ntk-gap', 3, 2);
-    ValueError for any other name."""
-    match = re.fullmatch(r"gram/([^/]+)/depth-([0-9]+)(?:/draw-([0-9]+))?", name)
+    'gram/ntk-lap4-flip/depth-11' -> ('ntk-lap4-flip', 11, None); ValueError for any other name."""
+    match = re.fullmatch(rf"gram/({KEY.pattern})/depth-([0-9]+)(?:/draw-([0-9]+))?", name)
     if not match:
-        raise ValueError(f"not a Gram array name: {name!r} "
-                         f"(expected gram/{{kind}}-{{arch}}/depth-{{D}} or gram/rf-{{kind}}-{{arch}}/depth-{{D}}/draw-{{R}})")
+        raise ValueError(f"not a Gram array name: {name!r} (expected gram/{{key}}/depth-{{D}}, key e.g. ntk-gap, "
+                         f"ntk-lap4, ntk-gap-flip, or gram/rf-{{kind}}-{{arch}}/depth-{{D}}/draw-{{R}})")
     draw = match.group(3)
     return ArrayName(match.group(1), int(match.group(2)), None if draw is None else int(draw))
 
@@ -134,8 +140,9 @@ def prepare_store(store_path: str | Path, *, config: RunConfig, inputs: Inputs) 
     path = Path(store_path)
     digest = fingerprint(inputs)
     if check_existing(path, config):
-        stored = _attrs(path)["data_fingerprint"]
-        if stored != digest:
+        attrs = _attrs(path)
+        stored = attrs["data_fingerprint"]
+        if stored != digest and not _same_zca_source(attrs, inputs):
             raise UserError(f"store {path} was made from different data (fingerprint {stored[:12]} vs "
                             f"{digest[:12]} now: the CIFAR-10 files under data.root differ); use another store path")
         return
@@ -145,6 +152,14 @@ def prepare_store(store_path: str | Path, *, config: RunConfig, inputs: Inputs) 
         if (path / "zarr.json").exists():  # another client created it first: check theirs instead
             return prepare_store(store_path, config=config, inputs=inputs)
         raise UserError(f"cannot create store at {path}: {exc.strerror or exc}") from None
+
+
+def _same_zca_source(attrs: dict, inputs: Inputs) -> bool:
+    """Whether a ZCA store was whitened from exactly these standardised images (same epsilon by the config check):
+    then the whitened images may differ from the stored ones only by the float64 rounding of another machine's
+    eigendecomposition, and the store's own images (which every tile reads) stay authoritative."""
+    stored = (attrs.get("preprocessing") or {}).get("zca") or {}
+    return inputs.zca is not None and stored.get("source_fingerprint") == inputs.zca["source_fingerprint"]
 
 
 def _create(path: Path, *, config: RunConfig, inputs: Inputs, digest: str) -> None:
@@ -168,7 +183,8 @@ def _create(path: Path, *, config: RunConfig, inputs: Inputs, digest: str) -> No
             "config": to_dict(config),
             "data_fingerprint": digest,
             "version": package_version(),
-            "preprocessing": {"mean": inputs.mean.tolist(), "std": inputs.std.tolist()},
+            "preprocessing": {"mean": inputs.mean.tolist(), "std": inputs.std.tolist(),
+                              **({} if inputs.zca is None else {"zca": dict(inputs.zca)})},
             "layout": {"n_train": inputs.n_train, "n_test": inputs.n_test, "tile": t,
                        "test_test": config.data.test_test, "arrays": planned_arrays(config)},
         })

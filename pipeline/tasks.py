@@ -1,5 +1,5 @@
-"""The unit of work: one tile, every requested kernel and depth (and every random-features draw), run on a
-Dask worker.
+"""The unit of work: one tile, every requested kernel (LAP and flip-averaged ones too) and depth (and every
+random-features draw), run on a Dask worker.
 
 run_tile is what the client submits: it skips a tile whose run was cancelled or that is already done
 and intact (a second submission, or a task that started after another writer finished the tile), and
@@ -15,10 +15,12 @@ import zarr
 from cntk_gram.pipeline.plan import tile_pairs
 from cntk_gram.pipeline.records import cancel_requested
 from cntk_gram.pipeline.store import array_name, bounds_of, layout, verify_tile, write_tile
+from cntk_gram.workers.enhanced import output_keys
 
 
 def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
-             kinds: tuple[str, ...], depths: tuple[int, ...], random_features: dict | None = None) -> dict:
+             kinds: tuple[str, ...], depths: tuple[int, ...], lap: tuple[int, ...] = (), flip: bool = False,
+             random_features: dict | None = None) -> dict:
     """compute_tile unless the store's run was cancelled or the tile is already done and intact.
 
     Same arguments as compute_tile. Returns compute_tile's dict, or {'tile', 'pairs': 0, 'seconds': 0,
@@ -29,16 +31,19 @@ def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str,
         return {**skipped, "skipped": "cancelled"}
     if not verify_tile(store_path, (I, J), deep=False):
         return {**skipped, "skipped": "done"}
-    return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths,
-                        random_features=random_features)
+    return compute_tile(store_path, I, J, backend=backend, archs=archs, kinds=kinds, depths=depths, lap=lap,
+                        flip=flip, random_features=random_features)
 
 
 def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
-                 kinds: tuple[str, ...], depths: tuple[int, ...], random_features: dict | None = None) -> dict:
+                 kinds: tuple[str, ...], depths: tuple[int, ...], lap: tuple[int, ...] = (), flip: bool = False,
+                 random_features: dict | None = None) -> dict:
     """Compute tile (I, J) and write it into the store; return {'tile', 'pairs', 'seconds', 'compute_seconds'}.
 
     Reads rows I and columns J of inputs/images from the store, runs the backend once with
-    max_depth = max(depths), writes one chunk per (kind, arch, depth), then the completion record.
+    max_depth = max(depths), writes one chunk per output key of the kinds asked for and depth, then the completion
+    record. lap, flip: the LAP(c) readouts and flip-averaged kernels (docs/enhanced.md), from the same call; every
+    output key ({kind}-{arch}, {kind}-lap{c}, and with flip each + '-flip') becomes gram/{key}/depth-{D}.
     random_features: None, or {'archs', 'width', 'draws', 'seed', 'max_bytes'}: then every draw's
     random-features kernels (rf_tile_kernels, on CUDA for the gpu backend, else the CPU) are computed too,
     and the one record covers them all. Deterministic for a given backend, so a recomputed tile is bit-identical.
@@ -51,10 +56,11 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     images = zarr.open_array(store_path, path="inputs/images", mode="r")
     x = images[r0:r1]
     y = None if I == J else images[c0:c1]
-    kernels = get_backend(backend).tile_kernels(x, y, archs=tuple(archs), max_depth=max(depths))
+    kernels = get_backend(backend).tile_kernels(x, y, archs=tuple(archs), max_depth=max(depths), lap=tuple(lap),
+                                                flip=bool(flip))
     computed = time.time()
-    blocks = {array_name(f"{kind}-{arch}", depth): kernels[f"{kind}-{arch}"][depth - 2]
-              for arch in archs for kind in kinds for depth in depths}
+    keys = [key for key in output_keys(tuple(archs), tuple(lap), bool(flip)) if key.split("-", 1)[0] in kinds]
+    blocks = {array_name(key, depth): kernels[key][depth - 2] for key in keys for depth in depths}
     extra = {}
     if random_features:
         blocks.update(_rf_blocks(x, y, backend=backend, kinds=kinds, depths=depths, **random_features))
