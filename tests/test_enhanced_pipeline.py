@@ -213,3 +213,19 @@ def test_paper_columns_never_apply_to_whitened_images():
     assert protocol.preprocess == "zca" and matching_columns(protocol) == {}
     config["data"]["preprocess"] = "standard"
     assert "ntk-gap" in matching_columns(Protocol.from_config(config, n_train=2000, n_test=10_000))
+
+
+def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_images(zca_store, cifar_root, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(zca_store, copy)
+    meta = copy / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["data_fingerprint"] = "0" * 64   # as if another machine's eigh rounded the images differently
+    meta.write_text(json.dumps(doc))
+    assert run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False)["tiles_computed"] == 0
+    doc["attributes"]["preprocessing"]["zca"]["source_fingerprint"] = "1" * 64   # other standardised images
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="different data"):
+        run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False)
