@@ -112,6 +112,8 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--archs", help="Comma-separated: vanilla,gap,fc (overrides kernel.archs).")
 @click.option("--kinds", help="Comma-separated: ntk,nngp (overrides kernel.kinds).")
 @click.option("--depths", help="Comma-separated depths, e.g. 3,4,6,11,21 (overrides kernel.depths).")
+@click.option("--lap", help="Comma-separated LAP sizes c >= 0, e.g. 2,4,8 (overrides kernel.lap; needs gap).")
+@click.option("--flip/--no-flip", default=None, help="Flip-averaged kernels too (overrides kernel.flip).")
 @click.option("--no-random-features", is_flag=True,
               help="Ignore the config's kernel.random_features block: exact kernels only.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), help="Kernel backend.")
@@ -123,8 +125,8 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--trust-records", is_flag=True,
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
-def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, no_random_features, backend,
-        scheduler, scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
+def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
+        backend, scheduler, scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
     from cntk_gram.pipeline.config import load_config
     from cntk_gram.pipeline.run import run as run_config
@@ -132,7 +134,8 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
     overrides = {
         "store": store, "data.root": data_root, "data.train": train, "data.test": test,
         "tiles.size": tile_size, "kernel.archs": _names(archs), "kernel.kinds": _names(kinds),
-        "kernel.depths": _ints(depths), "kernel.random_features": False if no_random_features else None,
+        "kernel.depths": _ints(depths), "kernel.lap": _ints(lap), "kernel.flip": flip,
+        "kernel.random_features": False if no_random_features else None,
         "backend": backend, "cluster.scheduler": scheduler,
         "cluster.scheduler_file": scheduler_file, "cluster.workers": workers, "cluster.threads": threads,
         "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,

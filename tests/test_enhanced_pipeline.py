@@ -229,3 +229,18 @@ def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_imag
     meta.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="different data"):
         run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False)
+
+
+def test_cli_lap_and_flip_override_the_config_and_are_checked_first(cifar_root, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_config(SMALL, cifar_root, tmp_path / "s.zarr")))
+    for args, words in ((["--lap", "-1"], ["kernel.lap", "integers >= 0"]),
+                        (["--archs", "vanilla", "--lap", "2"], ["kernel.lap", "'gap'"])):
+        result = CliRunner().invoke(main, ["run", str(path), "--no-progress", *args])
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and all(w in line for w in words), line
+    assert not (tmp_path / "s.zarr").exists()
+    from cntk_gram.pipeline.config import load_config
+    config = load_config(path, {"kernel.lap": [4], "kernel.flip": False})
+    assert (config.kernel.lap, config.kernel.flip) == ((4,), False)
