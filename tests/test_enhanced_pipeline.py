@@ -134,7 +134,8 @@ def test_records_verify_summary_and_export_cover_every_key(lap_store, tmp_path):
 def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store, cifar_root):
     before = tree_digest(lap_store)
     assert run(build_config(raw_config(SMALL, cifar_root, lap_store)), progress=False)["tiles_computed"] == 0
-    for change, field in (({"lap": [0, 4]}, "kernel.lap"), ({"lap": []}, "kernel.lap"), ({"flip": False}, "kernel.flip")):
+    for change, field in (({"lap": [0, 4]}, "kernel.lap"), ({"lap": []}, "kernel.lap"),
+                          ({"flip": False}, "kernel.flip")):
         with pytest.raises(UserError, match=field):
             run(build_config(raw_config(SMALL, cifar_root, lap_store, kernel=change)), progress=False)
     with pytest.raises(UserError, match="data.preprocess"):
