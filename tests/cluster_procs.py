@@ -7,6 +7,7 @@ bound of a whole test is pytest-timeout's (pyproject.toml).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -208,3 +209,9 @@ def finished_store(root: Path, cifar_root: Path, *, train: int = 40, test: int =
     result = cntk("run", config, "--workers", "1", "--threads", "1", "--no-progress")
     assert result.returncode == 0, result.stdout
     return store, config
+
+
+def store_snapshot(store: Path) -> dict[str, str]:
+    """sha256 of every file of a store by relative path: equal snapshots = a byte-identical store."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(store).rglob("*")) if p.is_file()}

@@ -2,7 +2,6 @@
 non-zero exit, no traceback, and the already-computed store untouched (every file byte for byte)."""
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -12,18 +11,13 @@ from click.testing import CliRunner
 
 from cntk_gram.pipeline.cli import main
 
-from cluster_procs import cntk, finished_store, free_port, write_config
+from cluster_procs import cntk, finished_store, free_port, store_snapshot
 
 
 @pytest.fixture(scope="module")
 def computed(tmp_path_factory, cifar_root):
     """A finished store (40 + 20 images, tiles of 20) and its config."""
     return finished_store(tmp_path_factory.mktemp("computed"), cifar_root)
-
-
-def snapshot(store: Path) -> dict[str, str]:
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 def variant(tmp_path: Path, config: Path, **changes) -> Path:
@@ -131,7 +125,7 @@ CASE_NAMES = [
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_bad_input_gets_one_clear_error(tmp_path, computed, cifar_root, name):
     store, config = computed
-    before = snapshot(store)
+    before = store_snapshot(store)
     args, words = cases(tmp_path, store, config, cifar_root)[name]
     result = CliRunner().invoke(main, [str(a() if callable(a) else a) for a in args])
     assert result.exit_code != 0, result.output
@@ -141,19 +135,19 @@ def test_bad_input_gets_one_clear_error(tmp_path, computed, cifar_root, name):
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for word in words:
         assert word in lines[0], (word, lines[0])
-    assert snapshot(store) == before, "the computed store changed"
+    assert store_snapshot(store) == before, "the computed store changed"
 
 
 def test_store_made_from_other_data_is_refused(tmp_path, computed, cifar_root):
     """Same config, but the CIFAR-10 files under data.root differ in one pixel of an image the store holds."""
     store, config = computed
-    before = snapshot(store)
+    before = store_snapshot(store)
     other = modified_cifar(tmp_path, cifar_root, damage="pixel")
     result = cntk("run", variant(tmp_path, config, **{"data.root": str(other)}))
     assert result.returncode != 0
     assert result.stdout.startswith("Error: ") and "different data" in result.stdout, result.stdout
     assert "Traceback" not in result.stdout and len(result.stdout.strip().splitlines()) == 1
-    assert snapshot(store) == before
+    assert store_snapshot(store) == before
 
 
 def test_errors_in_a_real_process_have_no_traceback(tmp_path, computed):

@@ -13,7 +13,7 @@ import pytest
 from cntk_gram.pipeline.store import verify_tile
 
 from cluster_procs import (assert_bit_identical, cntk, done_tiles, finished_store, free_port, gram_arrays,
-                           start_scheduler, start_worker, stop, wait_for_workers, wait_until, write_config)
+                           start_scheduler, start_worker, stop, wait_for_workers, wait_until)
 
 TILE = (0, 1)
 CHUNK = Path("gram/ntk-vanilla/depth-3/c/0/1")   # chunk of TILE in one of the store's arrays

@@ -1,6 +1,5 @@
 """LAP readouts, flip-averaged kernels and ZCA preprocessing in the pipeline (docs/enhanced.md): config at the edge,
 store arrays per output key, tiles vs the whole block, resume refusal, ZCA images and spectrum, solve and report."""
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from cntk_gram.pipeline.store import array_name, open_gram, parse_array_name, pl
 from cntk_gram.workers.cpu import tile_kernels
 from cntk_gram.workers.preprocess import channel_stats, preprocess, targets, zca_apply, zca_fit
 
+from cluster_procs import store_snapshot
+
 LAP = [0, 2]
 # 8 train (2 blocks of 4) + 4 test: 5 tiles, GAP depth 3 with flip: ~2 x 68 pairs.
 SMALL = {"data": {"train": 8, "test": 4},
@@ -42,15 +43,6 @@ def raw_config(base, root, store, **sections):
     for section, values in sections.items():
         raw[section].update(values)
     return raw
-
-
-def tree_digest(path: Path) -> str:
-    """sha256 over every file's relative path and bytes: equal digests = a byte-identical store."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +124,7 @@ def test_records_verify_summary_and_export_cover_every_key(lap_store, tmp_path):
 
 
 def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store, cifar_root):
-    before = tree_digest(lap_store)
+    before = store_snapshot(lap_store)
     assert run(build_config(raw_config(SMALL, cifar_root, lap_store)), progress=False)["tiles_computed"] == 0
     for change, field in (({"lap": [0, 4]}, "kernel.lap"), ({"lap": []}, "kernel.lap"),
                           ({"flip": False}, "kernel.flip")):
@@ -140,7 +132,7 @@ def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store,
             run(build_config(raw_config(SMALL, cifar_root, lap_store, kernel=change)), progress=False)
     with pytest.raises(UserError, match="data.preprocess"):
         run(build_config(raw_config(SMALL, cifar_root, lap_store, data={"preprocess": "zca"})), progress=False)
-    assert tree_digest(lap_store) == before
+    assert store_snapshot(lap_store) == before
 
 
 @pytest.mark.parametrize("section, change, words", [
@@ -154,7 +146,7 @@ def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store,
 ])
 def test_bad_settings_are_one_line_exit_2_and_leave_the_store_alone(lap_store, cifar_root, tmp_path, section,
                                                                     change, words):
-    before = tree_digest(lap_store)
+    before = store_snapshot(lap_store)
     for store in (lap_store, tmp_path / "new.zarr"):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(raw_config(SMALL, cifar_root, store, **{section: change})))
@@ -163,7 +155,7 @@ def test_bad_settings_are_one_line_exit_2_and_leave_the_store_alone(lap_store, c
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output
         assert all(w in lines[0] for w in words), lines[0]
-    assert tree_digest(lap_store) == before and not (tmp_path / "new.zarr").exists()
+    assert store_snapshot(lap_store) == before and not (tmp_path / "new.zarr").exists()
 
 
 def test_zca_store_holds_the_whitened_images_fitted_on_train_only(zca_store, cifar_root):
@@ -188,12 +180,12 @@ def test_zca_store_holds_the_whitened_images_fitted_on_train_only(zca_store, cif
 
 
 def test_zca_resume_with_other_settings_is_refused(zca_store, cifar_root):
-    before = tree_digest(zca_store)
+    before = store_snapshot(zca_store)
     assert run(build_config(raw_config(ZCA, cifar_root, zca_store)), progress=False)["tiles_computed"] == 0
     for change, field in (({"zca_epsilon": 0.2}, "data.zca_epsilon"), ({"preprocess": "standard"}, "data.preprocess")):
         with pytest.raises(UserError, match=field):
             run(build_config(raw_config(ZCA, cifar_root, zca_store, data=change)), progress=False)
-    assert tree_digest(zca_store) == before
+    assert store_snapshot(zca_store) == before
 
 
 def test_solve_handles_lap_and_flip_keys(lap_store, tmp_path):

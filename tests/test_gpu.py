@@ -394,7 +394,7 @@ def test_next_subtile_uploads_while_the_current_one_computes(monkeypatch):
     streams = {name: {s for op, s in log if op.startswith(name)} for name in ("set", "kernel", "get")}
     assert len(streams["set"]) == len(streams["kernel"]) == 1 and streams["set"] != streams["kernel"]
     assert streams["get"] == streams["kernel"] and [op for op, _ in log].count("get") == 1
-    upload, compute = streams["set"].pop(), streams["kernel"].pop()
+    compute = streams["kernel"].pop()
     # job k: its uploads end at the k-th wait of the compute stream; its host wait is the k-th sync on compute
     waits = [i for i, (op, s) in enumerate(log) if op == "wait" and s == compute]
     syncs = [i for i, (op, s) in enumerate(log) if op == "sync" and s == compute]
@@ -551,7 +551,6 @@ def _build_emulator(work, lap=()):
                     str(work / "emulate.cpp"), "-lpthread"], check=True)
     if lap:
         gpu.lap_table(lap).tofile(work / "lap_table.bin")
-    slots = 2 * (1 + len(lap))
 
     def run(images, pairs, same, *, layers, mode, blocks=(), y_images=None):
         """Tile kernel over `pairs` (a into images, b into y_images or images): (n_pairs, layers, slots) float64

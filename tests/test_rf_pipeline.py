@@ -1,6 +1,5 @@
 """Random features in the pipeline: config block, store arrays per draw, tiles vs the whole block, resume,
 refused config changes, bad input at the edge, solve per draw and the report's median / min / max."""
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from cntk_gram.pipeline.store import array_name, open_gram, parse_array_name, pl
 from cntk_gram.workers.preprocess import targets
 from cntk_gram.workers.rf import rf_tile_kernels
 
+from cluster_procs import store_snapshot
+
 RF = {"width": 8, "draws": 2, "seed": 3, "max_bytes": "4MiB"}
 # CIFAR-2, 8 train (2 blocks of 4) + 6 test (blocks of 4 and 2): 7 tiles, two of them diagonal, two ragged.
 SMALL = {"data": {"classes": [0, 1], "train": 8, "test": 6},
@@ -37,15 +38,6 @@ def small_raw(root, store, **kernel):
     raw["data"]["root"], raw["store"] = str(root), str(store)
     raw["kernel"]["random_features"].update(kernel)
     return raw
-
-
-def tree_digest(path: Path) -> str:
-    """sha256 over every file's relative path and bytes: equal digests = a byte-identical store."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +105,7 @@ def test_store_records_torch_and_one_record_covers_every_array(rf_store):
 
 
 def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, cifar_root):
-    before = tree_digest(rf_store)
+    before = store_snapshot(rf_store)
     summary = run(build_config(small_raw(cifar_root, rf_store)), progress=False)
     assert summary["tiles_computed"] == 0 and summary["tiles_done_before"] == 7
     # a different memory budget computes the same kernel: resuming with it is fine
@@ -125,7 +117,7 @@ def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, c
     del without["kernel"]["random_features"]
     with pytest.raises(UserError, match="kernel.random_features"):
         run(build_config(without), progress=False)
-    assert tree_digest(rf_store) == before
+    assert store_snapshot(rf_store) == before
 
 
 @pytest.mark.parametrize("change, words", [
@@ -137,7 +129,7 @@ def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, c
 ])
 def test_bad_rf_settings_are_one_line_exit_2_and_leave_the_store_alone(rf_store, cifar_root, tmp_path, change,
                                                                        words):
-    before = tree_digest(rf_store)
+    before = store_snapshot(rf_store)
     raw = small_raw(cifar_root, rf_store)
     raw["kernel"]["random_features"] = {**RF, **change}
     path = tmp_path / "bad.yaml"
@@ -147,12 +139,12 @@ def test_bad_rf_settings_are_one_line_exit_2_and_leave_the_store_alone(rf_store,
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output
     assert all(w in lines[0] for w in words), lines[0]
-    assert tree_digest(rf_store) == before
+    assert store_snapshot(rf_store) == before
 
 
 def test_rf_without_torch_is_refused_before_any_store_is_touched(rf_store, cifar_root, tmp_path, monkeypatch):
     monkeypatch.setattr(config_module, "torch_available", lambda: False)
-    before = tree_digest(rf_store)
+    before = store_snapshot(rf_store)
     for store in (rf_store, tmp_path / "new.zarr"):
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(small_raw(cifar_root, store)))
@@ -160,7 +152,7 @@ def test_rf_without_torch_is_refused_before_any_store_is_touched(rf_store, cifar
         assert result.exit_code == 2, result.output
         line = result.output.strip()
         assert "\n" not in line and "PyTorch" in line and "pip install -e .[rf]" in line, line
-    assert tree_digest(rf_store) == before and not (tmp_path / "new.zarr").exists()
+    assert store_snapshot(rf_store) == before and not (tmp_path / "new.zarr").exists()
     # without the block (or with it switched off, as `cntk run --no-random-features` does), torch is not needed
     raw = small_raw(cifar_root, tmp_path / "x.zarr")
     assert build_config(raw, {"kernel.random_features": False}).kernel.random_features is None
