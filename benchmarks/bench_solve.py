@@ -91,7 +91,7 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
 
 
 def main() -> None:
-    from cntk_gram.pipeline.cli import parse_bytes
+    from cntk_gram.pipeline.config import parse_bytes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, action="append", help="n_train (repeatable) [10000, 20000]")
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)   # internal: child process
     args = parser.parse_args()
-    budgets = [parse_bytes(b) for b in (args.memory_budget or ["12GiB", "2GiB"])]
+    budgets = [parse_bytes("--memory-budget", b) for b in (args.memory_budget or ["12GiB", "2GiB"])]
     if args.measure:
         print(json.dumps(measure(args.measure, memory_budget=budgets[0], device=args.device,
                                  scratch=args.measure.parent)))

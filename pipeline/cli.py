@@ -6,12 +6,12 @@ exit status 2, for every command. `verify` exits 1 when it finds damage.
 from __future__ import annotations
 
 import functools
-import re
 import time
 from pathlib import Path
 
 import click
 
+from cntk_gram.pipeline.config import parse_bytes
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
 
@@ -72,20 +72,6 @@ def _ints(text: str | None) -> list[int] | None:
 
 def _names(text: str | None) -> list[str] | None:
     return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
-
-
-UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_bytes(text: str) -> int:
-    """'12GiB' / '500MB' / '1000000' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in UNITS:
-        raise UserError(f"--memory-budget: cannot read {text!r}; use a number with a unit, e.g. 12GiB or 800MiB")
-    value = int(float(match.group(1)) * UNITS[match.group(2).lower()])
-    if value < 2**20:
-        raise UserError(f"--memory-budget: {text!r} is below 1 MiB; give at least 1MiB (e.g. 12GiB)")
-    return value
 
 
 def parse_lambdas(text: str) -> tuple[float, ...]:
@@ -301,7 +287,8 @@ def _solve_arguments(*, out, kernels, depths, lambdas, val_fraction, seed, no_va
         raise UserError(f"--val-fraction: must lie strictly between 0 and 1, got {val_fraction}")
     return {"out": out, "kernels": kernels, "depths": depths, "lambdas": parse_lambdas(lambdas),
             "val_fraction": val_fraction, "seed": seed, "validate": not no_validation, "device": device,
-            "memory_budget": parse_bytes(memory_budget), "scratch_dir": scratch, "reference": reference == "auto",
+            "memory_budget": parse_bytes("--memory-budget", memory_budget), "scratch_dir": scratch,
+            "reference": reference == "auto",
             "progress": lambda message: click.echo(message, err=True)}
 
 

@@ -317,7 +317,7 @@ def _random_features(raw: Any) -> RandomFeaturesConfig:
         width=_int(f"{where}.width", raw.get("width", defaults.width), low=1),
         draws=_int(f"{where}.draws", raw.get("draws", defaults.draws), low=1),
         seed=_int(f"{where}.seed", raw.get("seed", defaults.seed), low=0),
-        max_bytes=_bytes(f"{where}.max_bytes", raw.get("max_bytes", defaults.max_bytes)),
+        max_bytes=parse_bytes(f"{where}.max_bytes", raw.get("max_bytes", defaults.max_bytes)),
     )
     if not torch_available():  # checked here, before any store is opened or created
         raise UserError(f"{where}: random features need PyTorch, which is not installed here: "
@@ -325,8 +325,9 @@ def _random_features(raw: Any) -> RandomFeaturesConfig:
     return config
 
 
-def _bytes(name: str, value: Any) -> int:
-    """An integer number of bytes, or a string such as '1GiB' / '500MB'; at least 1 MiB."""
+def parse_bytes(name: str, value: Any) -> int:
+    """An integer number of bytes, or a string such as '1GiB' / '500MB'; at least 1 MiB. `name` (a config
+    field or a CLI option) starts the error message."""
     if isinstance(value, int) and not isinstance(value, bool):
         amount = value
     else:
