@@ -15,7 +15,6 @@ import zarr
 from cntk_gram.pipeline.plan import tile_pairs
 from cntk_gram.pipeline.records import cancel_requested
 from cntk_gram.pipeline.store import array_name, bounds_of, layout, verify_tile, write_tile
-from cntk_gram.workers.enhanced import output_keys
 
 
 def run_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[str, ...],
@@ -41,9 +40,10 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     """Compute tile (I, J) and write it into the store; return {'tile', 'pairs', 'seconds', 'compute_seconds'}.
 
     Reads rows I and columns J of inputs/images from the store, runs the backend once with
-    max_depth = max(depths), writes one chunk per output key of the kinds asked for and depth, then the completion
-    record. lap, flip: the LAP(c) readouts and flip-averaged kernels (docs/enhanced.md), from the same call; every
-    output key ({kind}-{arch}, {kind}-lap{c}, and with flip each + '-flip') becomes gram/{key}/depth-{D}.
+    max_depth = max(depths) (returning only the kinds and depths asked for), writes one chunk per output key and
+    depth, then the completion record. lap, flip: the LAP(c) readouts and flip-averaged kernels (docs/enhanced.md),
+    from the same call; every output key ({kind}-{arch}, {kind}-lap{c}, and with flip each + '-flip') becomes
+    gram/{key}/depth-{D}.
     random_features: None, or {'archs', 'width', 'draws', 'seed', 'max_bytes'}: then every draw's
     random-features kernels (rf_tile_kernels, on CUDA for the gpu backend, else the CPU) are computed too,
     and the one record covers them all. Deterministic for a given backend, so a recomputed tile is bit-identical.
@@ -57,10 +57,9 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     x = images[r0:r1]
     y = None if I == J else images[c0:c1]
     kernels = get_backend(backend).tile_kernels(x, y, archs=tuple(archs), max_depth=max(depths), lap=tuple(lap),
-                                                flip=bool(flip))
+                                                flip=bool(flip), depths=tuple(depths), kinds=tuple(kinds))
     computed = time.time()
-    keys = [key for key in output_keys(tuple(archs), tuple(lap), bool(flip)) if key.split("-", 1)[0] in kinds]
-    blocks = {array_name(key, depth): kernels[key][depth - 2] for key in keys for depth in depths}
+    blocks = {array_name(key, depth): stack[i] for key, stack in kernels.items() for i, depth in enumerate(depths)}
     extra = {}
     if random_features:
         blocks.update(_rf_blocks(x, y, backend=backend, kinds=kinds, depths=depths, **random_features))

@@ -343,6 +343,28 @@ def test_tile_orchestration_with_fake_cupy(monkeypatch):
     assert fake.errors == []
 
 
+def test_launcher_copies_only_the_selected_planes_with_fake_cupy(monkeypatch):
+    """depths / kinds: the host receives only the chosen (kind, depth) planes of the device result, one copy each
+    (2 of 6 per architecture here), with the right values in the caller's order, on a plain and a diagonal tile."""
+    fake = _fake_cupy(monkeypatch)
+    _force_chunk(monkeypatch, 2, 5, 3, 3)
+    x = np.zeros((5, 32, 32, 3), np.float32)
+    y = np.zeros((3, 32, 32, 3), np.float32)
+    x[:, 0, 0, 0] = np.arange(5)
+    y[:, 0, 0, 0] = 100 + np.arange(3)
+    ida, idb = x[:, 0, 0, 0][:, None], y[:, 0, 0, 0][None, :]
+    for yy, col in ((y, idb), (None, ida.T)):
+        fake.log.clear()
+        got = gpu.tile_kernels(x, yy, archs=("gap", "vanilla"), max_depth=4, depths=(4, 2), kinds=("ntk",))
+        assert list(got) == ["ntk-gap", "ntk-vanilla"]
+        lo, hi = (ida, col) if yy is not None else (np.minimum(ida, col), np.maximum(ida, col))
+        for i, depth in enumerate((4, 2)):
+            np.testing.assert_allclose(got["ntk-vanilla"][i], 1000 * lo + hi + depth - 2)
+            np.testing.assert_allclose(got["ntk-gap"][i], (1000 * lo + hi + depth - 2) / 2 ** 20)
+        assert [name for name, _ in fake.log].count("get") == 2 * 2
+    assert fake.errors == []
+
+
 def test_pair_lists_cover_every_pair_once_in_super_tiles():
     for n, m, diagonal in ((70, 45, False), (64, 64, True), (37, 37, True), (5, 3, False), (1, 1, True)):
         a, b = gpu.pair_lists(n, m, diagonal=diagonal)
@@ -869,6 +891,19 @@ def test_gpu_depth_21_matches_reference(rng):
     want = cntk_reference(x, y, max_depth=21, archs=("vanilla", "gap"))
     for key in want:
         _assert_close(got[key], want[key], key)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_selected_depths_and_kinds_match_reference(rng):
+    """Only the chosen planes come back (per-plane copies from the device result), in the caller's depth order."""
+    x, y = _images(rng, 3), _images(rng, 2)
+    want = cntk_reference(x, y, max_depth=6, archs=("vanilla", "gap"))
+    for yy, ref in ((y, want), (None, cntk_reference(x, max_depth=6, archs=("vanilla", "gap")))):
+        got = gpu.tile_kernels(x, yy, archs=("vanilla", "gap"), max_depth=6, depths=(6, 3), kinds=("ntk",))
+        assert list(got) == ["ntk-vanilla", "ntk-gap"]
+        for key in got:
+            _assert_close(got[key], ref[key][[4, 1]], key)
 
 
 @pytest.mark.gpu

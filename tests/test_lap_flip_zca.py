@@ -52,6 +52,36 @@ def test_diagonal_tile_flip_and_lap(rng, dtype):
         np.testing.assert_array_equal(fast[key], fast[key].transpose(0, 2, 1))
 
 
+@pytest.mark.parametrize("depths, kinds", [((5, 2), ("ntk",)), ((3,), ("nngp",)), ((4, 3, 5), ("nngp", "ntk"))])
+def test_selected_depths_and_kinds_match_reference(rng, depths, kinds):
+    """depths / kinds (what compute_tile asks for): only those keys, stack index i holding depths[i], on a plain and
+    a diagonal tile, against the brute-force oracle."""
+    x, y = rng.normal(size=(3, 6, 6, 3)), rng.normal(size=(2, 6, 6, 3))
+    for yy in (y, None):
+        ref = cntk_reference(x, yy, max_depth=5, lap=(1,), flip=True)
+        got = tile_kernels(x, yy, max_depth=5, dtype=np.float64, lap=(1,), flip=True, depths=depths, kinds=kinds)
+        assert sorted(got) == sorted(key for key in ref if key.split("-")[0] in kinds)
+        for key, stack in got.items():
+            assert stack.shape == (len(depths), 3, 3 if yy is None else 2)
+            assert_rel(stack, ref[key][[d - 2 for d in depths]], TOL[np.float64], key)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(depths=(6,)), r"depths must be distinct integers in 2\.\.5"),
+    (dict(depths=(3, 3)), "distinct"),
+    (dict(depths=()), "distinct"),
+    (dict(depths=(2.5,)), "integers"),
+    (dict(kinds=("ntk", "cntk")), "kinds must be distinct names from ntk, nngp"),
+    (dict(kinds=()), "kinds"),
+])
+def test_bad_depth_and_kind_selection(rng, kwargs, match):
+    x = rng.normal(size=(1, 4, 4, 3))
+    with pytest.raises(ValueError, match=match):
+        tile_kernels(x, max_depth=5, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        kernel_block(x, max_depth=5, backend="cpu", **kwargs)
+
+
 def test_flip_part_of_diagonal_tile_is_symmetric_without_mirroring(rng):
     """K(x_a, flip x_b) = K(x_b, flip x_a), checked on a full square computed pair by pair (no symmetry used), and
     the mirrored diagonal tile's upper triangle equals the directly computed one bit for bit."""

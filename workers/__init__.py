@@ -22,16 +22,17 @@ __all__ = ["kernel_block", "channel_stats", "preprocess", "targets", "zca_fit", 
 
 
 def kernel_block(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, backend: str = "auto",
-                 dtype=np.float32, lap=(), flip: bool = False) -> dict:
+                 dtype=np.float32, lap=(), flip: bool = False, depths=None, kinds=None) -> dict:
     """Kernel values for every pair (x[a], y[b]) and every depth 2..max_depth, in one pass.
 
     x: (n, P, Q, C), y: (m, P, Q, C) or None (the Gram of x with itself). backend: "auto", "cpu" or "gpu" (GPU needs
     32x32 images). dtype (CPU only): float32 (fast) or float64. Returns {"{kind}-{arch}": (max_depth-1, n, m)}.
     lap, flip: LAP(c) readouts and flip-averaged kernels (both backends), keys in docs/enhanced.md.
+    depths, kinds: return only these depths (stack index i holds depths[i]) and kinds ("ntk", "nngp"); None = all.
     Raises ValueError naming the problem for bad shapes, non-finite pixels, depth < 2 or an unknown architecture.
     """
     name = resolve_backend(backend)
+    options = dict(archs=archs, max_depth=max_depth, lap=lap, flip=flip, depths=depths, kinds=kinds)
     if name == "cpu":
-        return get_backend("cpu").tile_kernels(x, y, archs=archs, max_depth=max_depth, dtype=dtype, lap=lap,
-                                               flip=flip)
-    return get_backend(name).tile_kernels(x, y, archs=archs, max_depth=max_depth, lap=lap, flip=flip)
+        return get_backend("cpu").tile_kernels(x, y, dtype=dtype, **options)
+    return get_backend(name).tile_kernels(x, y, **options)

@@ -1,4 +1,4 @@
-"""Backend selection: every backend module exposes the same `tile_kernels(x, y=None, *, archs, max_depth)`."""
+"""Backend selection: every backend module exposes the same `tile_kernels` (docs/ARCHITECTURE.md)."""
 import importlib
 
 BACKENDS = ("cpu", "gpu")

@@ -11,8 +11,8 @@ import threading
 import numpy as np
 
 from . import _cpu_kernels as _k
-from .enhanced import check_flip, check_lap, flip_images, lap_weights, output_keys
-from .validate import check_archs, check_depth, check_pair, same_images
+from .enhanced import check_flip, check_lap, flip_images, lap_weights, output_keys, select_depths
+from .validate import check_archs, check_depth, check_pair, check_selection, same_images
 
 # numba's default threading layer cannot run two parallel regions at once: serialise calls from Dask threads.
 _LOCK = threading.Lock()
@@ -57,7 +57,7 @@ def _lanes_last(a, width):
 
 
 def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dtype=np.float32, lap=(),
-                 flip: bool = False) -> dict:
+                 flip: bool = False, depths=None, kinds=None) -> dict:
     """CNTK (and NNGP) blocks for every depth 2..max_depth in one pass.
 
     x: (n, P, Q, C) preprocessed images; y: (m, P, Q, C) or None (y is x: only pairs a <= b are computed and the
@@ -68,12 +68,17 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
     and depths as GAP. flip: adds "{kind}-{name}-flip" = (K(x, y) + K(x, flip y)) / 2 for every other key, at the cost of
     one more pass against mirrored column images. Without lap and flip the output is unchanged bit for bit.
     Key names and definitions: docs/enhanced.md.
+
+    depths, kinds: what to return (the pass computes everything up to max_depth either way): depths None = every
+    depth as above, else only those depths, in that order (index i holds depths[i]); kinds None = ntk and nngp, else
+    only the keys of those kinds.
     """
     x, y = check_pair(x, y)
     archs = check_archs(archs)
     max_depth = check_depth(max_depth)
     lap = check_lap(lap, archs)
     flip = check_flip(flip)
+    depths, kinds = check_selection(depths, kinds, max_depth)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -86,7 +91,7 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
         mirrored = _conv_fc(x, flip_images(yy), False, archs, max_depth, dtype, lap, mirror_sym=sym)
         for key in list(out):
             out[f"{key}-flip"] = ((out[key].astype(np.float64) + mirrored[key]) / 2).astype(dtype)
-    return {key: out[key] for key in output_keys(archs, lap, flip)}
+    return select_depths(out, output_keys(archs, lap, flip, kinds), depths, max_depth)
 
 
 def _conv_fc(x, yy, sym, archs, max_depth, dtype, lap, mirror_sym=None):

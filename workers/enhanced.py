@@ -55,8 +55,18 @@ def flip_images(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, :, ::-1, :])
 
 
-def output_keys(archs, lap=(), flip=False) -> list[str]:
-    """Keys a tile call returns, in order: plain, then LAP, then the flip-averaged copies of all of them."""
-    plain = [f"{kind}-{arch}" for arch in archs for kind in KINDS]
-    plain += [f"{kind}-lap{c}" for c in lap for kind in KINDS]
+def output_keys(archs, lap=(), flip=False, kinds=KINDS) -> list[str]:
+    """Keys a tile call returns, in order: plain, then LAP, then the flip-averaged copies of all of them; only those
+    of `kinds` (the key's first part)."""
+    plain = [f"{kind}-{arch}" for arch in archs for kind in KINDS if kind in kinds]
+    plain += [f"{kind}-lap{c}" for c in lap for kind in KINDS if kind in kinds]
     return plain + ([f"{k}-flip" for k in plain] if flip else [])
+
+
+def select_depths(out: dict, keys, depths, max_depth: int) -> dict:
+    """{key: stack} of `keys` with the stacks (max_depth-1, n, m), depth d at index d-2, cut to `depths` (in that
+    order: index i holds depths[i]); the stacks are returned as they are when depths is every depth in order."""
+    if tuple(depths) == tuple(range(2, max_depth + 1)):
+        return {key: out[key] for key in keys}
+    index = [d - 2 for d in depths]
+    return {key: out[key][index] for key in keys}

@@ -1,6 +1,6 @@
 """GPU tile worker: launches the fused CNTK kernels of `cntk_tile.cu` through `cupy.RawModule`.
 
-Same contract as every backend (docs/ARCHITECTURE.md): `tile_kernels(x, y=None, *, archs, max_depth, lap, flip)`. The planning
+Same contract as every backend (docs/ARCHITECTURE.md): `tile_kernels(x, y=None, *, archs, max_depth, ...)`. The planning
 half of this module (`plan_tile`, `pair_lists`, `same_images`, `compile_options`) is pure NumPy and imports without
 CuPy; CuPy is imported only when a tile actually runs. Design, blocking and the instruction count: docs/gpu.md.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .enhanced import check_flip, check_lap, flip_images, output_keys, triangle
-from .validate import check_archs, check_depth, check_pair, same_images
+from .enhanced import check_flip, check_lap, flip_images, output_keys, select_depths, triangle
+from .validate import check_archs, check_depth, check_pair, check_selection, same_images
 
 KERNEL_SOURCE = Path(__file__).parent / "cntk_tile.cu"
 SIDE, CHANNELS = 32, 3
@@ -181,7 +181,8 @@ def free_device_bytes(device_id: int) -> int:
         return int(free + cupy.get_default_memory_pool().free_bytes())
 
 
-def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, lap=(), flip: bool = False) -> dict:
+def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, lap=(), flip: bool = False,
+                 depths=None, kinds=None) -> dict:
     """CNTK and NNGP blocks for every depth 2..max_depth on the GPU, one pass per architecture.
 
     x: (n, 32, 32, 3) float32 preprocessed images; y: (m, 32, 32, 3) or None (a diagonal tile: pairs a <= b are
@@ -193,12 +194,18 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
     more pass per architecture against the mirrored column images; on a diagonal tile that pass also computes
     a <= b only and mirrors, since K(x_b, flip x_a) = K(x_a, flip x_b). Keys and order as the CPU backend
     (cntk_gram.workers.enhanced.output_keys); without lap and flip the plain kernels run unchanged.
+
+    depths, kinds: what to return, as in the CPU backend (None: every depth 2..max_depth, both kinds; else those
+    depths in that order, index i holding depths[i], and the keys of those kinds). The kernels compute every layer
+    either way; only the chosen (kind, depth) planes of the device result are copied to the host, e.g. 5 of 40 per
+    vanilla tile for Table 1's NTK column.
     """
     x, y = check_pair(x, y)
     archs = check_archs(archs)
     max_depth = check_depth(max_depth)
     lap = check_lap(lap, archs)
     flip = check_flip(flip)
+    depths, kinds = check_selection(depths, kinds, max_depth)
     if len(lap) > MAX_LAP:
         raise ValueError(f"the GPU kernel takes at most {MAX_LAP} LAP sizes per run, got {len(lap)}: {list(lap)}")
     out = {}
@@ -211,27 +218,33 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
         with _device_lock:
             for arch in conv:
                 arch_lap = lap if arch == "gap" else ()
-                out.update(_conv_tile(x32, y32, arch=arch, layers=max_depth - 1, lap=arch_lap))
+                pick = dict(layers=max_depth - 1, lap=arch_lap, depths=depths, kinds=kinds)
+                out.update(_conv_tile(x32, y32, arch=arch, **pick))
                 if flip:
-                    mirrored = _conv_tile(x32, y32, arch=arch, layers=max_depth - 1, lap=arch_lap, flip=True)
+                    mirrored = _conv_tile(x32, y32, arch=arch, flip=True, **pick)
                     out.update({f"{key}-flip": value for key, value in mirrored.items()})
     if "fc" in archs:
         from .fc import fc_kernels
-        out.update(fc_kernels(x, y, max_depth=max_depth))
+        fc_keys = output_keys(("fc",), kinds=kinds)
+        out.update(select_depths(fc_kernels(x, y, max_depth=max_depth), fc_keys, depths, max_depth))
         if flip:
             mirrored = fc_kernels(x, flip_images(x if y is None else y), max_depth=max_depth)
+            mirrored = select_depths(mirrored, fc_keys, depths, max_depth)
             out.update({f"{key}-flip": value for key, value in mirrored.items()})
-    for key in output_keys(archs, lap, flip):
+    keys = output_keys(archs, lap, flip, kinds)
+    for key in keys:
         if key.endswith("-flip"):   # out holds K(x, flip y) under this key until here
             plain = key[:-len("-flip")]
             out[key] = ((out[plain].astype(np.float64) + out[key]) / 2).astype(np.float32)
-    return {key: out[key] for key in output_keys(archs, lap, flip)}
+    return {key: out[key] for key in keys}
 
 
-def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False) -> dict:
+def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False, depths=None,
+               kinds=("ntk", "nngp")) -> dict:
     """One architecture over the whole tile, sub-tile by sub-tile. Returns {"ntk-arch", "nngp-arch"} and, for GAP
-    with lap, {"ntk-lap{c}", "nngp-lap{c}"}, float32 (layers, n, m). flip: the column images are mirrored (y, or x
-    on a diagonal tile, which keeps its a <= b pairs and mirroring: K(x_a, flip x_b) is symmetric in a, b)."""
+    with lap, {"ntk-lap{c}", "nngp-lap{c}"}, those of `kinds` only, float32 (len(depths), n, m) (depths None: every
+    depth 2..layers+1). flip: the column images are mirrored (y, or x on a diagonal tile, which keeps its a <= b pairs
+    and mirroring: K(x_a, flip x_b) is symmetric in a, b)."""
     import cupy
     diagonal = y is None
     y_host = x if diagonal else y
@@ -239,6 +252,9 @@ def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False) -> d
         y_host = flip_images(y_host)
     n, m = len(x), len(y_host)
     slots = 2 * (1 + len(lap))
+    names = output_keys((arch,), lap)   # the result's slots: ntk, nngp of arch, then of each LAP(c)
+    wanted = [s for s, name in enumerate(names) if name.split("-", 1)[0] in kinds]
+    layer_index = list(range(layers)) if depths is None else [d - 2 for d in depths]
     device_id = current_device()
     module = load_module(device_id, compile_options(module_options(len(lap))))
     with cupy.cuda.Device(device_id):
@@ -246,11 +262,9 @@ def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False) -> d
                          slots=slots)
         runner = _TileRunner(module, arch=arch, layers=layers, pairs_per_launch=plan.pairs_per_launch,
                              shape=(n, m), mirror=diagonal, columns_are_rows=diagonal and not flip, lap=lap)
-        result = runner.run(x, y_host, same_images(x, y_host), subtiles(n, m, plan.chunk, diagonal=diagonal))
-    out = {f"ntk-{arch}": result[0], f"nngp-{arch}": result[1]}
-    for r, c in enumerate(lap):
-        out[f"ntk-lap{c}"], out[f"nngp-lap{c}"] = result[2 + 2 * r], result[3 + 2 * r]
-    return out
+        result = runner.run(x, y_host, same_images(x, y_host), subtiles(n, m, plan.chunk, diagonal=diagonal),
+                            slots=wanted, layers=layer_index)
+    return {names[s]: result[k] for k, s in enumerate(wanted)}
 
 
 _pinned = {"buffer": None}
@@ -302,9 +316,10 @@ class _TileRunner:
                 self.lap_args = (table,)
         self.launches = 0
 
-    def run(self, x, y, same, jobs) -> np.ndarray:
+    def run(self, x, y, same, jobs, *, slots=None, layers=None) -> np.ndarray:
         """x (n, 32, 32, 3), y (m, 32, 32, 3) float32 host images, same (n, m) bool, jobs from `subtiles`.
-        Returns the host copy of the result, (slots, layers, n, m) float32."""
+        Returns the host copy of the result's planes [slots][:, layers] (None: all), (len(slots), len(layers), n, m)
+        float32; each plane is a contiguous (n, m) block on the device, copied on its own."""
         previous = None
         for rows, cols, on_diagonal in jobs:
             # staged on the host and uploaded while the previous sub-tile's kernels run
@@ -315,8 +330,16 @@ class _TileRunner:
             previous = current
         if previous is not None:
             previous["done"].synchronize()
-        host = _pinned_buffer(self.result.shape, np.float32)
-        self.result.get(stream=self.compute, out=host, blocking=True)
+        slots = range(self.slots) if slots is None else slots
+        layers = range(self.layers) if layers is None else layers
+        if len(slots) == self.slots and list(layers) == list(range(self.layers)):
+            host = _pinned_buffer(self.result.shape, np.float32)
+            self.result.get(stream=self.compute, out=host, blocking=True)
+            return host.copy()
+        host = _pinned_buffer((len(slots), len(layers)) + self.shape, np.float32)
+        planes = [(k, i, s, h) for k, s in enumerate(slots) for i, h in enumerate(layers)]
+        for number, (k, i, s, h) in enumerate(planes):   # one stream: waiting for the last copy waits for all
+            self.result[s, h].get(stream=self.compute, out=host[k, i], blocking=number == len(planes) - 1)
         return host.copy()
 
     def _upload(self, xs, ys, same, *, rows, cols, on_diagonal) -> dict:

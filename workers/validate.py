@@ -39,6 +39,26 @@ def check_depth(max_depth) -> int:
     return int(max_depth)
 
 
+def check_selection(depths, kinds, max_depth: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """What a tile call returns: depths (None = every depth 2..max_depth, else distinct integers in that range, kept in
+    the order given) and kinds (None = ntk and nngp, else a non-empty subset of KINDS)."""
+    if depths is None:
+        depths = tuple(range(2, max_depth + 1))
+    else:
+        depths = (depths,) if isinstance(depths, (int, np.integer)) else tuple(depths)
+        ok = all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and 2 <= d <= max_depth for d in depths)
+        if not depths or not ok or len(set(depths)) != len(depths):
+            raise ValueError(f"depths must be distinct integers in 2..{max_depth} (max_depth), got {list(depths)!r}")
+        depths = tuple(int(d) for d in depths)
+    if kinds is None:
+        kinds = KINDS
+    else:
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"kinds must be distinct names from {', '.join(KINDS)}, got {list(kinds)!r}")
+    return depths, kinds
+
+
 def check_archs(archs) -> tuple[str, ...]:
     archs = (archs,) if isinstance(archs, str) else tuple(archs)
     bad = [a for a in archs if a not in ARCHS]
