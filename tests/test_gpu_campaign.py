@@ -1,5 +1,6 @@
 """benchmarks/gpu_campaign.py: the rehearsal runs every stage on the CPU; budget, bad input and no-GPU exits."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,18 @@ def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_root):
         assert f"| {stage} | done |" in md
     assert "results-table1-v.md" not in md and "| ntk-vanilla | 4 |" in md   # the solver's table, embedded
     table1 = next(s for s in doc["stages"] if s["name"] == "table1-v")["result"]["table1-v"]
-    assert table1["depths"] == [3, 4] and table1["kernel_s"] > 0
+    assert table1["depths"] == [3, 4] and table1["kernel_s"] > 0 and table1["tiles_computed"] > 0
+    assert table1["validated"] == "done" and "validated lam: done" in md
+    # the validated solve's table replaced the lam = 0 one: the lam* column is filled
+    assert re.search(r"\| ntk-vanilla \| 4 \| [\d.]+ \| [^ |]+ \|", (out / "results-table1-v.md").read_text())
+
+    # a second call on the same work folder (a warm machine): nothing is recomputed, the reports are reused
+    again = _campaign("--rehearse", "--stages", "table1-v", "--out", tmp_path / "again", "--work", work,
+                      "--data-root", cifar_root)
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = json.loads((tmp_path / "again" / "campaign.json").read_text())["stages"][0]["result"]["table1-v"]
+    assert second["tiles_computed"] == 0 and "reused" in second["solve"]
+    assert (tmp_path / "again" / "results-table1-v.md").read_text() == (out / "results-table1-v.md").read_text()
     kernels = next(s for s in doc["stages"] if s["name"] == "kernels")["result"]
     assert kernels["accuracy"]["passed"] is True and kernels["accuracy"]["backend"] == "cpu"
 
