@@ -106,13 +106,16 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @scheduler_options
 @click.option("--workers", type=int, help="Worker processes of the embedded local cluster.")
 @click.option("--threads", type=int, help="Numba threads per local worker (default: cores / workers).")
+@click.option("--slots", type=int,
+              help="Tile tasks one local worker runs at once (default: 2 per GPU worker, 1 per CPU worker).")
 @click.option("--max-in-flight", type=int, help="Tile tasks submitted at once.")
 @click.option("--retries", type=int, help="Retries of a failed tile task.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--trust-records", is_flag=True,
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
 def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
-        backend, scheduler, scheduler_file, workers, threads, max_in_flight, retries, progress, trust_records):
+        backend, scheduler, scheduler_file, workers, threads, slots, max_in_flight, retries, progress,
+        trust_records):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
     from cntk_gram.pipeline.config import load_config
     from cntk_gram.pipeline.run import run as run_config
@@ -124,7 +127,7 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
         "kernel.random_features": False if no_random_features else None,
         "backend": backend, "cluster.scheduler": scheduler,
         "cluster.scheduler_file": scheduler_file, "cluster.workers": workers, "cluster.threads": threads,
-        "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,
+        "cluster.slots": slots, "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,
     }
     s = run_config(load_config(config_file, overrides), progress=progress, verify=not trust_records)
     click.echo(f"store     {s['store']}\n"

@@ -16,6 +16,10 @@ from cntk_gram.pipeline.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
 WORKER_WAIT_S = 60  # how long deciding backend 'auto' waits for a first worker
+# Tile tasks per GPU worker: the GPU backend serialises device use (workers/gpu.py, _device_lock), so a
+# second slot only lets one tile's host work (input read, copy to the host, store writes) overlap the
+# next tile's kernels.
+GPU_SLOTS = 2
 
 
 @contextlib.contextmanager
@@ -73,12 +77,21 @@ def worker_env(cluster: ClusterConfig, *, n_workers: int) -> dict[str, str]:
     return {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": "1"}
 
 
+def task_slots(cluster: ClusterConfig, *, backend: str) -> int:
+    """Tile tasks one local worker runs at once (its Dask threads): cluster.slots, else GPU_SLOTS for
+    backend 'gpu' and 1 for 'cpu'."""
+    if cluster.slots is not None:
+        return cluster.slots
+    return GPU_SLOTS if backend == "gpu" else 1
+
+
 def local_cluster(*, cluster: ClusterConfig, backend: str):
-    """Worker processes on this machine with one task slot each, all with worker_env: one per GPU
+    """Worker processes on this machine with task_slots threads each, all with worker_env: one per GPU
     (dask-cuda) for the GPU backend when dask-cuda is installed, else cluster.workers CPU workers."""
     import dask
 
-    options = {"threads_per_worker": 1, "dashboard_address": ":0", "silence_logs": logging.ERROR}
+    options = {"threads_per_worker": task_slots(cluster, backend=backend), "dashboard_address": ":0",
+               "silence_logs": logging.ERROR}
     if backend == "gpu":
         try:
             from dask_cuda import LocalCUDACluster

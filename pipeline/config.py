@@ -11,7 +11,7 @@ The YAML users write (every key optional except where noted):
     tiles:   {size: 500}
     backend: auto                 # auto | cpu | gpu
     store:   runs/quickstart.zarr
-    cluster: {scheduler: null, scheduler_file: null, workers: 1, threads: null,
+    cluster: {scheduler: null, scheduler_file: null, workers: 1, threads: null, slots: null,
               max_in_flight: null, retries: 2}
 
 Validation happens once, in `load_config` / `build_config`; every error names the field and what is allowed.
@@ -115,13 +115,18 @@ class TileConfig:
 class ClusterConfig:
     """Where tasks run. No scheduler = an embedded local cluster of `workers` processes.
 
-    threads: numba threads per worker (default: cores // workers); max_in_flight: tasks submitted at
-    once (default: 2 per worker); retries: re-runs of a failed tile task before giving up.
+    threads: numba threads per worker (default: cores // workers); slots: tile tasks one worker of the
+    embedded cluster runs at once (default: 2 for GPU workers, so that one tile's input read, copy to the host
+    and store writes overlap the next tile's kernels, which the GPU backend serialises; 1 for CPU workers, whose
+    numba kernels already use all the worker's threads); max_in_flight: tasks submitted at once (default: 2 per
+    task slot of the cluster); retries: re-runs of a failed tile task before giving up. On an existing cluster
+    the workers' own thread counts (`dask worker --nthreads`) are the slots and `slots` is unused.
     """
     scheduler: str | None = None
     scheduler_file: str | None = None
     workers: int = 1
     threads: int | None = None
+    slots: int | None = None
     max_in_flight: int | None = None
     retries: int = 2
 
@@ -350,6 +355,7 @@ def _cluster(raw: dict) -> ClusterConfig:
         scheduler_file=None if scheduler_file is None else _str("cluster.scheduler_file", scheduler_file),
         workers=_int("cluster.workers", raw.get("workers", 1), low=1),
         threads=_int("cluster.threads", raw.get("threads"), low=1, optional=True),
+        slots=_int("cluster.slots", raw.get("slots"), low=1, optional=True),
         max_in_flight=_int("cluster.max_in_flight", raw.get("max_in_flight"), low=1, optional=True),
         retries=_int("cluster.retries", raw.get("retries", 2), low=0),
     )

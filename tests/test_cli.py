@@ -52,6 +52,11 @@ def test_bad_tile_size(tmp_path, cifar_root):
     assert not (tmp_path / "g.zarr").exists()
 
 
+def test_bad_slots(tmp_path, cifar_root):
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--slots", "0"], "cluster.slots", ">= 1")
+    assert not (tmp_path / "g.zarr").exists()
+
+
 def test_unknown_kernel(tmp_path, cifar_root):
     fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--archs", "vanilla,resnet"],
                         "kernel.archs", "'resnet'", "vanilla, gap, fc")

@@ -56,6 +56,9 @@ def test_overrides_win(tmp_path):
     ({"data": {"train_index": [1, 2], "classes": [0]}}, ["train_index", "classes"]),
     ({"data": {"train_index": [1, 2], "train": 3}}, ["data.train=3", "2 entries"]),
     ({"cluster": {"scheduler": "tcp://a:1", "scheduler_file": "f"}}, ["scheduler_file"]),
+    ({"cluster": {"slots": 0}}, ["cluster.slots", ">= 1", "0"]),
+    ({"cluster": {"slots": "two"}}, ["cluster.slots", "integer", "'two'"]),
+    ({"cluster": {"slots": 1.5}}, ["cluster.slots", "integer"]),
 ])
 def test_bad_values_name_field_and_allowed(raw, words):
     with pytest.raises(UserError) as info:
@@ -64,6 +67,12 @@ def test_bad_values_name_field_and_allowed(raw, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_slots_default_to_the_backend_and_accept_any_positive_count():
+    assert build_config({}).cluster.slots is None  # the cluster picks: 2 per GPU worker, 1 per CPU worker
+    assert build_config({"cluster": {"slots": 3}}).cluster.slots == 3
+    assert build_config({}, {"cluster.slots": 2}).cluster.slots == 2  # as `cntk run --slots 2` passes it
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
@@ -84,7 +93,7 @@ def test_root_defaults_to_environment(monkeypatch):
 def test_differences_ignore_non_result_fields():
     a = build_config({"data": {"train": 10}, "kernel": {"depths": [3]}})
     b = build_config({"data": {"train": 10, "root": "x"}, "kernel": {"depths": [3]}, "store": "s.zarr",
-                      "backend": "cpu", "cluster": {"workers": 2}})
+                      "backend": "cpu", "cluster": {"workers": 2, "slots": 2}})
     assert config_differences(to_dict(a), to_dict(b)) == []
     c = build_config({"data": {"train": 10}, "kernel": {"depths": [3, 4]}})
     (difference,) = config_differences(to_dict(a), to_dict(c))

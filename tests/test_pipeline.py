@@ -137,6 +137,37 @@ def test_sigkill_then_resume_is_bit_identical(cifar_root, reference_store, tmp_p
         assert resumed_arrays[name].tobytes() == reference[name].tobytes()
 
 
+def test_two_slots_on_one_cpu_worker_run_tiles_at_once_and_match(cifar_root, reference_store, tmp_path):
+    """cluster.slots 2 on the CPU backend: one worker process holds two tiles at once (each parked before its
+    completion record by tests/tile_gate.py until both are there, so one slot could never get there), its numba
+    kernels with 2 threads each do not clash, and the Gram is the one-slot run's, bit for bit."""
+    raw = json.loads(json.dumps(SMALL))
+    raw["cluster"] = {"workers": 1, "threads": 2, "slots": 2}
+    store = tmp_path / "slots.zarr"
+    config = write_config(tmp_path / "c.yaml", raw, root=cifar_root, store=store)
+    tiles = TileLog(tmp_path)
+    tiles.hold.touch()
+    process = subprocess.Popen([sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress"],
+                               cwd=tmp_path, env={**subprocess_env(), **tiles.embedded_env()},
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        held = lambda: {(tile, pid) for event, tile, pid in tiles.events() if event == "hold"}
+        wait_until(lambda: len(held()) >= 2, what="two tiles held at once", procs=[process])
+        assert len({pid for _, pid in held()}) == 1  # both in the one worker process
+        tiles.hold.unlink()
+        output = process.communicate()[0].decode()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, output
+    assert "tiles     33 computed" in output, output
+    reference, computed = gram_arrays(reference_store), gram_arrays(store)
+    assert reference.keys() == computed.keys()
+    for name in reference:
+        assert computed[name].tobytes() == reference[name].tobytes(), name
+
+
 def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store, tmp_path):
     env = subprocess_env()
     scheduler_file = tmp_path / "scheduler.json"
