@@ -16,10 +16,12 @@ from cntk_gram.pipeline.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
 WORKER_WAIT_S = 60  # how long deciding backend 'auto' waits for a first worker
-# Tile tasks per GPU worker: the GPU backend serialises device use (workers/gpu.py, _device_lock), so a
-# second slot only lets one tile's host work (input read, copy to the host, store writes) overlap the
-# next tile's kernels.
-GPU_SLOTS = 2
+# Tile tasks per GPU worker: the GPU backend serialises device use (workers/gpu.py, _device_lock), so the
+# other slots only let tiles' host work (input read, copy to the host, store writes) overlap the current
+# tile's kernels. A tile's host work (~110 ms per 1000 x 1000 tile at 5 depths) outlasts its CNTK-V
+# kernels (~60 ms), so two other tiles must be in their host part at once: 3 slots
+# (benchmarks/results/host-cpu-slots.json: 1/2/3/4 slots 5.2/8.3/9.0/10.1 M pairs/s on 2 cores).
+GPU_SLOTS = 3
 
 
 @contextlib.contextmanager

@@ -116,8 +116,8 @@ class ClusterConfig:
     """Where tasks run. No scheduler = an embedded local cluster of `workers` processes.
 
     threads: numba threads per worker (default: cores // workers); slots: tile tasks one worker of the
-    embedded cluster runs at once (default: 2 for GPU workers, so that one tile's input read, copy to the host
-    and store writes overlap the next tile's kernels, which the GPU backend serialises; 1 for CPU workers, whose
+    embedded cluster runs at once (default: 3 for GPU workers, so that other tiles' input reads, copies to the
+    host and store writes overlap the current tile's kernels, which the GPU backend serialises; 1 for CPU workers, whose
     numba kernels already use all the worker's threads); max_in_flight: tasks submitted at once (default: 2 per
     task slot of the cluster); retries: re-runs of a failed tile task before giving up. On an existing cluster
     the workers' own thread counts (`dask worker --nthreads`) are the slots and `slots` is unused.

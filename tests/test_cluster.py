@@ -47,14 +47,14 @@ def test_gpu_and_cpu_local_workers_get_the_same_environment(monkeypatch):
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         assert str(gpu["env"][name]) == str(cpu["env"][name]) == "1", name
     assert cpu["kwargs"]["n_workers"] == 4 and "n_workers" not in gpu["kwargs"]  # one worker per GPU
-    # task slots: two per GPU worker (host work overlaps the serialised kernels), one per CPU worker
-    assert gpu["kwargs"]["threads_per_worker"] == 2 and cpu["kwargs"]["threads_per_worker"] == 1
+    # task slots: three per GPU worker (host work overlaps the serialised kernels), one per CPU worker
+    assert gpu["kwargs"]["threads_per_worker"] == 3 and cpu["kwargs"]["threads_per_worker"] == 1
     # the configuration is only changed while the GPU cluster is made
     assert "NUMBA_NUM_THREADS" not in dask.config.get("distributed.nanny.pre-spawn-environ")
 
 
 @pytest.mark.parametrize("slots, backend, expected", [
-    (None, "gpu", 2), (None, "cpu", 1), (1, "gpu", 1), (3, "cpu", 3),
+    (None, "gpu", 3), (None, "cpu", 1), (1, "gpu", 1), (2, "cpu", 2),
 ])
 def test_task_slots_default_per_backend_unless_given(slots, backend, expected):
     config = build_config({"cluster": {"slots": slots}}).cluster

@@ -70,7 +70,7 @@ def test_bad_values_name_field_and_allowed(raw, words):
 
 
 def test_slots_default_to_the_backend_and_accept_any_positive_count():
-    assert build_config({}).cluster.slots is None  # the cluster picks: 2 per GPU worker, 1 per CPU worker
+    assert build_config({}).cluster.slots is None  # the cluster picks: 3 per GPU worker, 1 per CPU worker
     assert build_config({"cluster": {"slots": 3}}).cluster.slots == 3
     assert build_config({}, {"cluster.slots": 2}).cluster.slots == 2  # as `cntk run --slots 2` passes it
 

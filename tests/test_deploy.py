@@ -92,7 +92,7 @@ def test_workers_sbatch_retires_workers_before_the_walltime(tmp_path, kind):
     args = re.search(r"ARGS (.*)", result.stdout).group(1)
     assert f"--scheduler-file {scheduler_file}" in args
     if kind == "gpu":  # two task slots per GPU worker, one per CPU worker (docs: deploy/README.md)
-        assert args.startswith("dask cuda worker") and "--nthreads 2" in args
+        assert args.startswith("dask cuda worker") and "--nthreads 3" in args
     else:
         assert args.startswith("dask worker") and "--nthreads 1" in args
         assert f"--lifetime {duration}s --lifetime-stagger 120s --no-lifetime-restart" in args
@@ -130,7 +130,7 @@ def test_compose_file_has_a_scheduler_and_gpu_workers():
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
         device_ids += device["device_ids"]
         assert worker["command"][:3] == ["dask", "cuda", "worker"]
-        assert worker["command"][worker["command"].index("--nthreads") + 1] == "2"  # two task slots
+        assert worker["command"][worker["command"].index("--nthreads") + 1] == "3"  # three task slots
         assert "tcp://scheduler:8786" in worker["command"]
         assert "scheduler" in worker["depends_on"]
         assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -188,7 +188,7 @@ def test_jobqueue_profile_retires_workers_before_the_walltime():
     h, m, s = map(int, profile["walltime"].split(":"))
     assert lifetime + stagger + 600 <= h * 3600 + m * 60 + s  # ten minutes left for the last tile
     assert "--gres=gpu:1" in profile["job-extra-directives"] and profile["processes"] == 1
-    assert profile["cores"] // profile["processes"] == 2  # worker threads: two task slots per GPU
+    assert profile["cores"] // profile["processes"] == 3  # worker threads: three task slots per GPU
 
 
 def test_jobqueue_profile_makes_a_job_script(tmp_path, monkeypatch):
