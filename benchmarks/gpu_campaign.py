@@ -16,8 +16,11 @@ Stages, in this order (benchmarks/GPU.md says how a session with a GPU calls it)
   cifar2    Table 2's exact columns (CIFAR-2): vanilla at all depths, GAP capped likewise (resumable)
 
 Every stage's record is written to DIR/campaign.json and DIR/campaign.md the moment it ends, so a run cut off
-still returns everything finished. DIR holds at most 8 files: campaign.json, campaign.md, campaign.log,
-kernels.json and one results-<stage>.md per table stage; stores and solver output go to --work.
+still returns everything finished. All files are kept in WORK_DIR/campaign-out and copied to DIR: a later call with
+the same --work and commit (a warm machine) continues that campaign as its next call (records, measured rates),
+so its DIR holds everything so far; a stage run again replaces its earlier record. DIR holds at most 8 files:
+campaign.json, campaign.md, campaign.log, kernels.json and one results-<stage>.md per table stage; stores and
+solver output go to --work.
 
 Budget: a stage whose predicted seconds exceed what is left is `skipped`; a resumable stage (a `cntk run`)
 starts when its smallest useful part fits and is interrupted cleanly before the budget ends (`out-of-time`:
@@ -77,11 +80,14 @@ class OutOfTime(RuntimeError):
 
 @dataclass
 class Campaign:
-    out: Path
+    out: Path                # where every file is written (under --work: kept between calls on a warm machine)
     work: Path
     budget_s: float
     rehearse: bool
     data_root: str | None
+    mirror: Path | None = None   # --out: gets a copy of `out` after every stage
+    call: int = 1                # calls of this campaign so far on this --work, this one included
+    calls: list = field(default_factory=list)   # {"call", "budget_s", "elapsed_s", "date_utc", "stages"} each
     start: float = field(default_factory=time.monotonic)
     records: list = field(default_factory=list)
     device: dict = field(default_factory=dict)
@@ -365,27 +371,59 @@ def git_commit() -> str:
 
 
 def write_records(c: Campaign, commit: str) -> None:
+    """campaign.json and campaign.md in c.out (every call so far on this --work), then c.out copied to c.mirror."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    this = {"call": c.call, "budget_s": c.budget_s, "elapsed_s": round(c.budget_s - c.left(), 1), "date_utc": now,
+            "stages": [r["name"] for r in c.records if r.get("call") == c.call]}
+    calls = [k for k in c.calls if k["call"] != c.call] + [this]
+    order = {name: i for i, name in enumerate(STAGES)}
     doc = {"campaign": "gpu", "rehearse": c.rehearse, "device": c.device, "git_commit": commit,
-           "budget_s": c.budget_s, "elapsed_s": round(c.budget_s - c.left(), 1),
-           "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "stages": c.records}
-    tmp = c.out / "campaign.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    tmp.replace(c.out / "campaign.json")
-    tmp = c.out / "campaign.md.tmp"
-    tmp.write_text(markdown(doc, c.out))
-    tmp.replace(c.out / "campaign.md")
+           "budget_s": c.budget_s, "elapsed_s": this["elapsed_s"], "date_utc": now, "calls": calls,
+           "rates": c.rates, "stages": sorted(c.records, key=lambda r: order[r["name"]])}
+    for name, text in (("campaign.json", json.dumps(doc, indent=2, default=str) + "\n"),
+                       ("campaign.md", markdown(doc, c.out))):
+        tmp = c.out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(c.out / name)
+    if c.mirror is not None:
+        c.mirror.mkdir(parents=True, exist_ok=True)
+        for path in c.out.iterdir():
+            if path.is_file() and not path.name.endswith(".tmp"):
+                shutil.copyfile(path, c.mirror / path.name)
+
+
+def resume_state(c: Campaign, commit: str) -> None:
+    """Continue the campaign of an earlier call on this --work (a warm machine: its stores and c.out are still
+    there) when it ran the same commit in the same mode: its records, measured rates, device and calls carry
+    over, and this call is the next one. Otherwise c.out starts empty."""
+    doc_path = c.out / "campaign.json"
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (OSError, ValueError):
+        doc = None
+    if not doc or doc.get("git_commit") != commit or doc.get("rehearse") != c.rehearse:
+        if c.out.exists():
+            shutil.rmtree(c.out)
+        c.out.mkdir(parents=True)
+        (c.out / "campaign.log").write_text("")
+        return
+    c.records, c.rates, c.device = doc["stages"], doc.get("rates", {}), doc.get("device", {})
+    c.calls = doc.get("calls", [])
+    c.call = max([k["call"] for k in c.calls], default=0) + 1
 
 
 def markdown(doc: dict, out: Path) -> str:
     """campaign.md: the stage table, the kernel table and the copied results.md tables."""
     lines = [f"# GPU campaign{' (rehearsal on the CPU)' if doc['rehearse'] else ''}", "",
-             f"Device: {doc['device'].get('name', 'unknown')}; commit {doc['git_commit']}; "
-             f"{doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget; {doc['date_utc']}.", "",
-             "| stage | status | seconds | predicted s | note |", "|---|---|---|---|---|"]
+             f"Device: {doc['device'].get('name', 'unknown')}; commit {doc['git_commit']}.", ""]
+    for k in doc["calls"]:
+        lines.append(f"- call {k['call']}: stages {', '.join(k['stages'])}; {k['elapsed_s']:.0f} s of a "
+                     f"{k['budget_s']:.0f} s budget; {k['date_utc']}")
+    lines += ["", "| stage | call | status | seconds | predicted s | note |", "|---|---|---|---|---|---|"]
     for r in doc["stages"]:
         note = r.get("why") or ""
-        lines.append(f"| {r['name']} | {r['status']} | {r['seconds']:.1f} | {r['predicted_s']:.0f} | {note} |")
+        lines.append(f"| {r['name']} | {r.get('call', 1)} | {r['status']} | {r['seconds']:.1f} | "
+                     f"{r['predicted_s']:.0f} | {note} |")
     kernels = next((r for r in doc["stages"] if r["name"] == "kernels" and r["status"] == "done"), None)
     if kernels and kernels["result"].get("rows"):
         lines += ["", "## Tile kernels (bench_gpu.py)", "",
@@ -415,15 +453,16 @@ def run_campaign(c: Campaign, stages: list[str]) -> int:
     if not c.rehearse:
         import_cupy()   # NoGPU before anything is written or spent
     commit = git_commit()
-    c.out.mkdir(parents=True, exist_ok=True)
     c.work.mkdir(parents=True, exist_ok=True)
-    (c.out / "campaign.log").write_text("")
+    resume_state(c, commit)
+    c.log(f"=== call {c.call}: stages {','.join(stages)}, budget {c.budget_s:.0f} s")
     for name in STAGES:
         if name not in stages:
             continue
         need = predict_stage_s(c, name)
-        record = {"name": name, "status": "skipped", "seconds": 0.0, "predicted_s": round(need), "result": None}
-        c.records.append(record)
+        record = {"name": name, "call": c.call, "status": "skipped", "seconds": 0.0, "predicted_s": round(need),
+                  "result": None}
+        c.records = [r for r in c.records if r["name"] != name] + [record]   # a rerun replaces the earlier one
         if need > c.left():
             record["why"] = f"needs ~{need:.0f} s, {max(c.left(), 0):.0f} s left"
         else:
@@ -443,7 +482,7 @@ def run_campaign(c: Campaign, stages: list[str]) -> int:
         print(f"gpu_campaign: {name:9s} {record['status']:11s} {record['seconds']:7.1f} s  "
               f"{record.get('why', '')}", flush=True)
         write_records(c, commit)
-    return 0 if all(r["status"] == "done" for r in c.records) else 1
+    return 0 if all(r["status"] == "done" for r in c.records if r["call"] == c.call) else 1
 
 
 def main(argv=None) -> int:
@@ -467,7 +506,8 @@ def main(argv=None) -> int:
         print(f"gpu_campaign: --budget-s must be > 0 seconds, got {args.budget_s}", file=sys.stderr)
         return 2
     work = args.work or REPO / "runs" / ("gpu-campaign-rehearsal" if args.rehearse else "gpu-campaign")
-    c = Campaign(out=args.out, work=work, budget_s=args.budget_s, rehearse=args.rehearse, data_root=args.data_root)
+    c = Campaign(out=work / "campaign-out", mirror=args.out, work=work, budget_s=args.budget_s,
+                 rehearse=args.rehearse, data_root=args.data_root)
     try:
         return run_campaign(c, stages)
     except NoGPU as exc:

@@ -34,7 +34,7 @@ def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_root):
         assert "| kernel | depth |" in table
     md = (out / "campaign.md").read_text()
     for stage in gpu_campaign.STAGES:
-        assert f"| {stage} | done |" in md
+        assert f"| {stage} | 1 | done |" in md
     assert "results-table1-v.md" not in md and "| ntk-vanilla | 4 |" in md   # the solver's table, embedded
     table1 = next(s for s in doc["stages"] if s["name"] == "table1-v")["result"]["table1-v"]
     assert table1["depths"] == [3, 4] and table1["kernel_s"] > 0 and table1["tiles_computed"] > 0
@@ -42,13 +42,20 @@ def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_root):
     # the validated solve's table replaced the lam = 0 one: the lam* column is filled
     assert re.search(r"\| ntk-vanilla \| 4 \| [\d.]+ \| [^ |]+ \|", (out / "results-table1-v.md").read_text())
 
-    # a second call on the same work folder (a warm machine): nothing is recomputed, the reports are reused
+    # a second call on the same work folder (a warm machine): nothing is recomputed, the reports are reused, and
+    # its --out holds the whole campaign so far (call 1's records and files too)
     again = _campaign("--rehearse", "--stages", "table1-v", "--out", tmp_path / "again", "--work", work,
                       "--data-root", cifar_root)
     assert again.returncode == 0, again.stdout + again.stderr
-    second = json.loads((tmp_path / "again" / "campaign.json").read_text())["stages"][0]["result"]["table1-v"]
+    doc2 = json.loads((tmp_path / "again" / "campaign.json").read_text())
+    assert [k["call"] for k in doc2["calls"]] == [1, 2] and doc2["calls"][1]["stages"] == ["table1-v"]
+    calls = {s["name"]: s["call"] for s in doc2["stages"]}
+    assert calls == {**{name: 1 for name in gpu_campaign.STAGES}, "table1-v": 2}
+    second = next(s for s in doc2["stages"] if s["name"] == "table1-v")["result"]["table1-v"]
     assert second["tiles_computed"] == 0 and "reused" in second["solve"]
     assert (tmp_path / "again" / "results-table1-v.md").read_text() == (out / "results-table1-v.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == files
+    assert "| table1-v | 2 | done |" in (tmp_path / "again" / "campaign.md").read_text()
     kernels = next(s for s in doc["stages"] if s["name"] == "kernels")["result"]
     assert kernels["accuracy"]["passed"] is True and kernels["accuracy"]["backend"] == "cpu"
 
@@ -106,3 +113,25 @@ def test_depth_cap_follows_the_measured_rate(tmp_path):
     assert gpu_campaign.depths_that_fit(c, run, 15 + 5 * 10 + 1) == [3, 4, 6, 11]
     assert gpu_campaign.depths_that_fit(c, run, 15 + 5 * 3) == [3, 4]
     assert gpu_campaign.depths_that_fit(c, run, 15) == []
+
+
+def test_a_later_call_continues_only_the_same_commits_campaign(tmp_path):
+    def campaign():
+        return gpu_campaign.Campaign(out=tmp_path / "work" / "campaign-out", work=tmp_path / "work", budget_s=60,
+                                     rehearse=True, data_root=None, mirror=tmp_path / "out")
+    first = campaign()
+    gpu_campaign.resume_state(first, "abc")
+    assert first.call == 1 and (first.out / "campaign.log").exists()
+    first.records = [{"name": "env", "call": 1, "status": "done", "seconds": 1.0, "predicted_s": 2, "result": {}}]
+    first.rates = {"vanilla": 5.0}
+    gpu_campaign.write_records(first, "abc")
+    assert json.loads((tmp_path / "out" / "campaign.json").read_text())["calls"][0]["stages"] == ["env"]
+
+    same = campaign()
+    gpu_campaign.resume_state(same, "abc")
+    assert same.call == 2 and same.rates == {"vanilla": 5.0} and [r["name"] for r in same.records] == ["env"]
+
+    other = campaign()
+    gpu_campaign.resume_state(other, "def")      # another commit: its numbers must not mix with these
+    assert other.call == 1 and other.records == [] and other.rates == {}
+    assert [p.name for p in other.out.iterdir()] == ["campaign.log"]
