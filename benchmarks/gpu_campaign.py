@@ -364,10 +364,18 @@ def import_cupy():
 
 
 def git_commit() -> str:
-    run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return (run.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    """HEAD (+dirty), or where the checkout has no git history (the device gets the working tree only) the commit
+    written to .whl/COMMIT when the wheels were built (benchmarks/GPU.md), else 'unknown'."""
+    try:
+        run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:   # no git program
+        run, dirty = None, ""
+    if run is not None and run.returncode == 0 and run.stdout.strip():
+        return run.stdout.strip() + ("+dirty" if dirty else "")
+    stamp = REPO / ".whl" / "COMMIT"
+    return stamp.read_text().strip() if stamp.is_file() else "unknown"
 
 
 def write_records(c: Campaign, commit: str) -> None:
