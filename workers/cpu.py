@@ -11,8 +11,8 @@ import threading
 import numpy as np
 
 from . import _cpu_kernels as _k
-from .enhanced import check_flip, check_lap, flip_images, lap_weights, output_keys, select_depths
-from .validate import check_archs, check_depth, check_pair, check_selection, same_images
+from .enhanced import flip_images, lap_weights, output_keys, select_depths
+from .validate import check_tile_call, same_images
 
 # numba's default threading layer cannot run two parallel regions at once: serialise calls from Dask threads.
 _LOCK = threading.Lock()
@@ -73,12 +73,8 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
     depth as above, else only those depths, in that order (index i holds depths[i]); kinds None = ntk and nngp, else
     only the keys of those kinds.
     """
-    x, y = check_pair(x, y)
-    archs = check_archs(archs)
-    max_depth = check_depth(max_depth)
-    lap = check_lap(lap, archs)
-    flip = check_flip(flip)
-    depths, kinds = check_selection(depths, kinds, max_depth)
+    x, y, archs, max_depth, lap, flip, depths, kinds = check_tile_call(
+        x, y, archs=archs, max_depth=max_depth, lap=lap, flip=flip, depths=depths, kinds=kinds)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")

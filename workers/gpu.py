@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .enhanced import check_flip, check_lap, flip_images, output_keys, select_depths, triangle
-from .validate import check_archs, check_depth, check_pair, check_selection, same_images
+from .enhanced import flip_images, output_keys, select_depths, triangle
+from .validate import check_tile_call, same_images
 
 KERNEL_SOURCE = Path(__file__).parent / "cntk_tile.cu"
 SIDE, CHANNELS = 32, 3
@@ -200,12 +200,8 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
     either way; only the chosen (kind, depth) planes of the device result are copied to the host, e.g. 5 of 40 per
     vanilla tile for Table 1's NTK column.
     """
-    x, y = check_pair(x, y)
-    archs = check_archs(archs)
-    max_depth = check_depth(max_depth)
-    lap = check_lap(lap, archs)
-    flip = check_flip(flip)
-    depths, kinds = check_selection(depths, kinds, max_depth)
+    x, y, archs, max_depth, lap, flip, depths, kinds = check_tile_call(
+        x, y, archs=archs, max_depth=max_depth, lap=lap, flip=flip, depths=depths, kinds=kinds)
     if len(lap) > MAX_LAP:
         raise ValueError(f"the GPU kernel takes at most {MAX_LAP} LAP sizes per run, got {len(lap)}: {list(lap)}")
     out = {}

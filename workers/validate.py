@@ -1,5 +1,9 @@
 """Input checks shared by every kernel entry point: one clear ValueError per kind of bad input."""
+from typing import NamedTuple
+
 import numpy as np
+
+from .enhanced import check_flip, check_lap
 
 ARCHS = ("vanilla", "gap", "fc")
 KINDS = ("ntk", "nngp")
@@ -75,3 +79,26 @@ def same_images(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     for a, b in zip(*np.nonzero(same)):
         same[a, b] = np.array_equal(x[a], y[b])
     return same
+
+
+class TileCall(NamedTuple):
+    """The checked arguments of a backend's tile_kernels."""
+    x: np.ndarray
+    y: np.ndarray | None
+    archs: tuple[str, ...]
+    max_depth: int
+    lap: tuple[int, ...]
+    flip: bool
+    depths: tuple[int, ...]
+    kinds: tuple[str, ...]
+
+
+def check_tile_call(x, y, *, archs, max_depth, lap, flip, depths, kinds) -> TileCall:
+    """Every backend's tile_kernels checks, in one order: the first problem raises its ValueError."""
+    x, y = check_pair(x, y)
+    archs = check_archs(archs)
+    max_depth = check_depth(max_depth)
+    lap = check_lap(lap, archs)
+    flip = check_flip(flip)
+    depths, kinds = check_selection(depths, kinds, max_depth)
+    return TileCall(x, y, archs, max_depth, lap, flip, depths, kinds)
