@@ -310,15 +310,13 @@ def stage_table(c: Campaign, stage: str) -> dict:
         paper, validated = c.work / f"{run.name}-report", c.work / f"{run.name}-report-validated"
         if unchanged and (validated / "results.md").exists():
             record["solve"] = "validated results of an earlier call reused"
-            shutil.copyfile(validated / "results.md", c.out / f"results-{run.name}.md")
-            record["results"] = f"results-{run.name}.md"
+            publish(c, run, record, validated)
             continue
         if unchanged and (paper / "results.md").exists():
             record["solve"] = "lam = 0 results of an earlier call reused"
         else:
             record["solve_s"] = solve_to(c, run, store, paper, validate=False)
-        shutil.copyfile(paper / "results.md", c.out / f"results-{run.name}.md")
-        record["results"] = f"results-{run.name}.md"
+        publish(c, run, record, paper)
         # the validated lam second: its solve refactors per lam, and the lam = 0 column must not wait for it
         need = predict_validate_s(c, depths)
         if need > c.left():
@@ -330,8 +328,14 @@ def stage_table(c: Campaign, stage: str) -> dict:
             record["validated"] = f"not finished: {exc}"[:300]
             continue
         record["validated"] = "done"
-        shutil.copyfile(validated / "results.md", c.out / f"results-{run.name}.md")   # lam = 0 rows included
+        publish(c, run, record, validated)   # lam = 0 rows included
     return results
+
+
+def publish(c: Campaign, run: TableRun, record: dict, report: Path) -> None:
+    """The run's results.md from `report` becomes DIR/results-<run>.md (replacing an earlier one)."""
+    record["results"] = f"results-{run.name}.md"
+    shutil.copyfile(report / "results.md", c.out / record["results"])
 
 
 def predict_validate_s(c: Campaign, depths) -> float:

@@ -9,8 +9,7 @@ fresh host arrays (the GPU backend's copy to the host, also under its lock). It 
 
     CNTK_STANDIN_NS_PER_PAIR  device nanoseconds per pair (a diagonal tile of n images has n(n+1)/2 pairs)
     CNTK_STANDIN_COPY         all: every plane, 2 kinds x (max_depth - 1) layers; selected: only the asked-for ones
-    CNTK_STANDIN_KINDS        comma-separated kinds the run asks for (used while compute_tile passes no `kinds`)
-    CNTK_STANDIN_DEPTHS       comma-separated depths the run asks for (used while compute_tile passes no `depths`)
+    CNTK_STANDIN_DEPTHS       comma-separated depths the run asks for, and
     CNTK_STANDIN_TILE         tile edge: the device buffer is made at start-up, not in the first tile
     CNTK_STANDIN_LOG          file; one line per event (epoch seconds): 'task T0 T1' per tile task, 'write T0 T1'
                               per store.write_tile (chunks + record), 'device REQ T0 T1 COPY_S' per kernel call
@@ -52,15 +51,14 @@ def _device_planes(layers: int, n: int, m: int) -> np.ndarray:
 
 
 def standin_tile_kernels(x, y=None, *, archs, max_depth, lap=(), flip=False, depths=None, kinds=None, **_):
-    """The backend interface: {f"{kind}-vanilla": float32 (len(depths), n, m)}, or (max_depth - 1, n, m) with
-    depth d at index d - 2 when depths is None (then, with copy 'selected', only the planes of CNTK_STANDIN_DEPTHS
-    and CNTK_STANDIN_KINDS hold values: those are the ones the caller reads)."""
+    """The backend interface: {f"{kind}-vanilla": float32 (len(depths), n, m)}, index i holding depths[i] (None:
+    every depth 2..max_depth, at index d - 2; kinds None: ntk and nngp)."""
     n = len(x)
     m = n if y is None else len(y)
     layers = max_depth - 1
     pairs = n * (n + 1) // 2 if y is None else n * m
-    want_kinds = tuple(kinds or _env_list("CNTK_STANDIN_KINDS") or KINDS)
-    want_depths = tuple(depths or _env_list("CNTK_STANDIN_DEPTHS", int) or range(2, max_depth + 1))
+    depths = tuple(depths or range(2, max_depth + 1))
+    kinds = tuple(kinds or KINDS)
     copy_all = os.environ.get("CNTK_STANDIN_COPY", "all") == "all"
     source = _device_planes(layers, n, m)
     requested = time.time()
@@ -71,20 +69,16 @@ def standin_tile_kernels(x, y=None, *, archs, max_depth, lap=(), flip=False, dep
         if copy_all:
             host = np.empty_like(source)
             np.copyto(host, source)
-            stacks = {kind: host[k] for k, kind in enumerate(KINDS)}
         else:
-            shape = (layers if depths is None else len(want_depths), n, m)
-            stacks = {}
-            for kind in want_kinds:
-                stack = np.empty(shape, np.float32)  # untouched planes are never faulted in
-                for i, depth in enumerate(want_depths):
-                    np.copyto(stack[depth - 2 if depths is None else i], source[KINDS.index(kind), depth - 2])
-                stacks[kind] = stack
+            stacks = {kind: np.empty((len(depths), n, m), np.float32) for kind in kinds}
+            for kind, stack in stacks.items():
+                for i, depth in enumerate(depths):
+                    np.copyto(stack[i], source[KINDS.index(kind), depth - 2])
         t1 = time.time()
     _log(f"device {requested:.6f} {t0:.6f} {t1:.6f} {t1 - copy_start:.6f}")
-    if depths is not None and copy_all:  # the asked-for depths only, as the new interface returns them
-        stacks = {kind: stacks[kind][[d - 2 for d in want_depths]] for kind in want_kinds}
-    return {f"{kind}-vanilla": stacks[kind] for kind in want_kinds}
+    if copy_all:  # the asked-for depths, cut from the full copy outside the lock
+        stacks = {kind: host[KINDS.index(kind)][[d - 2 for d in depths]] for kind in kinds}
+    return {f"{kind}-vanilla": stacks[kind] for kind in kinds}
 
 
 def _timed(event, function):

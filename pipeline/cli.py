@@ -107,7 +107,7 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--workers", type=int, help="Worker processes of the embedded local cluster.")
 @click.option("--threads", type=int, help="Numba threads per local worker (default: cores / workers).")
 @click.option("--slots", type=int,
-              help="Tile tasks one local worker runs at once (default: 2 per GPU worker, 1 per CPU worker).")
+              help="Tile tasks one local worker runs at once (default: 3 per GPU worker, 1 per CPU worker).")
 @click.option("--max-in-flight", type=int, help="Tile tasks submitted at once.")
 @click.option("--retries", type=int, help="Retries of a failed tile task.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")

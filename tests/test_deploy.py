@@ -91,7 +91,7 @@ def test_workers_sbatch_retires_workers_before_the_walltime(tmp_path, kind):
     assert "RESTART False" in result.stdout
     args = re.search(r"ARGS (.*)", result.stdout).group(1)
     assert f"--scheduler-file {scheduler_file}" in args
-    if kind == "gpu":  # two task slots per GPU worker, one per CPU worker (docs: deploy/README.md)
+    if kind == "gpu":  # three task slots per GPU worker, one per CPU worker (docs: deploy/README.md)
         assert args.startswith("dask cuda worker") and "--nthreads 3" in args
     else:
         assert args.startswith("dask worker") and "--nthreads 1" in args

@@ -235,11 +235,9 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
     return {key: out[key] for key in keys}
 
 
-def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False, depths=None,
-               kinds=("ntk", "nngp")) -> dict:
+def _conv_tile(x, y, *, arch: str, layers: int, depths, kinds, lap=(), flip: bool = False) -> dict:
     """One architecture over the whole tile, sub-tile by sub-tile. Returns {"ntk-arch", "nngp-arch"} and, for GAP
-    with lap, {"ntk-lap{c}", "nngp-lap{c}"}, those of `kinds` only, float32 (len(depths), n, m) (depths None: every
-    depth 2..layers+1). flip: the column images are mirrored (y, or x on a diagonal tile, which keeps its a <= b pairs
+    with lap, {"ntk-lap{c}", "nngp-lap{c}"}, those of `kinds` only, float32 (len(depths), n, m). flip: the column images are mirrored (y, or x on a diagonal tile, which keeps its a <= b pairs
     and mirroring: K(x_a, flip x_b) is symmetric in a, b)."""
     import cupy
     diagonal = y is None
@@ -250,7 +248,7 @@ def _conv_tile(x, y, *, arch: str, layers: int, lap=(), flip: bool = False, dept
     slots = 2 * (1 + len(lap))
     names = output_keys((arch,), lap)   # the result's slots: ntk, nngp of arch, then of each LAP(c)
     wanted = [s for s, name in enumerate(names) if name.split("-", 1)[0] in kinds]
-    layer_index = list(range(layers)) if depths is None else [d - 2 for d in depths]
+    layer_index = [d - 2 for d in depths]
     device_id = current_device()
     module = load_module(device_id, compile_options(module_options(len(lap))))
     with cupy.cuda.Device(device_id):
@@ -312,10 +310,10 @@ class _TileRunner:
                 self.lap_args = (table,)
         self.launches = 0
 
-    def run(self, x, y, same, jobs, *, slots=None, layers=None) -> np.ndarray:
+    def run(self, x, y, same, jobs, *, slots, layers) -> np.ndarray:
         """x (n, 32, 32, 3), y (m, 32, 32, 3) float32 host images, same (n, m) bool, jobs from `subtiles`.
-        Returns the host copy of the result's planes [slots][:, layers] (None: all), (len(slots), len(layers), n, m)
-        float32; each plane is a contiguous (n, m) block on the device, copied on its own."""
+        Returns the host copy of the result's planes [slots][:, layers], (len(slots), len(layers), n, m) float32:
+        all of them in one copy, else each plane (a contiguous (n, m) block on the device) on its own."""
         previous = None
         for rows, cols, on_diagonal in jobs:
             # staged on the host and uploaded while the previous sub-tile's kernels run
@@ -326,9 +324,7 @@ class _TileRunner:
             previous = current
         if previous is not None:
             previous["done"].synchronize()
-        slots = range(self.slots) if slots is None else slots
-        layers = range(self.layers) if layers is None else layers
-        if len(slots) == self.slots and list(layers) == list(range(self.layers)):
+        if list(slots) == list(range(self.slots)) and list(layers) == list(range(self.layers)):
             host = _pinned_buffer(self.result.shape, np.float32)
             self.result.get(stream=self.compute, out=host, blocking=True)
             return host.copy()

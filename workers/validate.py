@@ -3,10 +3,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .enhanced import check_flip, check_lap
+from .enhanced import KINDS, check_flip, check_lap
 
 ARCHS = ("vanilla", "gap", "fc")
-KINDS = ("ntk", "nngp")
 
 
 def check_images(x, *, name: str = "x", allow_uint8: bool = False) -> np.ndarray:
