@@ -20,6 +20,7 @@ store's queued tasks on the scheduler by key prefix. Running tiles finish normal
 from __future__ import annotations
 
 import collections
+import errno
 import dataclasses
 import hashlib
 import os
@@ -34,9 +35,10 @@ from cntk_gram.pipeline.cluster import (connect, open_client, register_gpu_plugi
 from cntk_gram.pipeline.config import RunConfig
 from cntk_gram.pipeline.data import Inputs, prepare_inputs
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.pipeline.plan import check_tile_size, tile_pairs
+from cntk_gram.pipeline.plan import RunCost, check_disk, check_tile_size, free_bytes, gib, run_cost, tile_pairs
 from cntk_gram.pipeline.records import clear_cancel, remove_stray_files, request_cancel
-from cntk_gram.pipeline.store import bounds_of, check_existing, layout, prepare_store, tile_status, verify_tile
+from cntk_gram.pipeline.store import (bounds_of, check_existing, layout, planned_arrays, prepare_store, tile_status,
+                                      verify_tile)
 from cntk_gram.pipeline.tasks import run_tile
 
 
@@ -50,6 +52,7 @@ class PreparedRun:
     done: set[tuple[int, int]]
     damaged: set[tuple[int, int]]
     todo: list[tuple[int, int]]
+    cost: RunCost
 
 
 def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
@@ -62,13 +65,25 @@ def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
         check_tile_size(n_train=known_train, size=config.tiles.size)
     inputs = prepare_inputs(config.data)
     check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
+    if not check_existing(config.store, config):  # a new store: the whole plan and the inputs must fit
+        whole = plan_cost(config, inputs, todo=None)
+        check_disk(dataclasses.replace(whole, bytes_todo=whole.bytes_todo + inputs.images.nbytes), config.store)
     prepare_store(config.store, config=config, inputs=inputs)
     remove_stray_files(config.store)  # temp files of writes interrupted long ago
     clear_cancel(config.store)  # a new run overrides an earlier `cntk cancel`
     done, planned = tile_status(config.store)
     damaged = _damaged(config.store, done) if verify else set()
     todo = [tile for tile in planned if tile not in done or tile in damaged]
-    return PreparedRun(inputs=inputs, planned=planned, done=done, damaged=damaged, todo=todo)
+    cost = plan_cost(config, inputs, todo=todo)
+    check_disk(cost, config.store)
+    return PreparedRun(inputs=inputs, planned=planned, done=done, damaged=damaged, todo=todo, cost=cost)
+
+
+def plan_cost(config: RunConfig, inputs: Inputs, *, todo) -> RunCost:
+    """The tiles, pairs and bytes of config's plan for these inputs; todo None: every planned tile."""
+    return run_cost(n_train=inputs.n_train, n_test=inputs.n_test, size=config.tiles.size,
+                    test_test=config.data.test_test, arrays=len(planned_arrays(config)), todo=todo,
+                    store_path=config.store)
 
 
 def _damaged(store: str, done: set[tuple[int, int]]) -> set[tuple[int, int]]:
@@ -183,6 +198,10 @@ def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend:
                 if "scheduler-connection-lost" in str(exc) or client.status != "running":
                     raise UserError("lost the connection to the Dask scheduler; finished tiles are kept, "
                                     "rerun the same command to resume") from None
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise UserError(f"the store's disk is full ({gib(free_bytes(config.store))} free): a tile "
+                                    f"could not be written; finished tiles are kept, free space and rerun the same "
+                                    f"command to resume") from None
                 raise UserError(f"a tile task failed after {config.cluster.retries} retries: "
                                 f"{type(exc).__name__}: {exc}; finished tiles are kept, rerun to resume") from None
             finished += 1
