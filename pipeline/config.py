@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ SOURCES = ("cifar10",)
 N_CLASSES = 10
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}
 PREPROCESS = ("standard", "zca")
-BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
 def torch_available() -> bool:
@@ -325,15 +323,18 @@ def _random_features(raw: Any) -> RandomFeaturesConfig:
 
 
 def parse_bytes(name: str, value: Any) -> int:
-    """An integer number of bytes, or a string such as '1GiB' / '500MB'; at least 1 MiB. `name` (a config
-    field or a CLI option) starts the error message."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        amount = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in BYTE_UNITS:
-            raise UserError(f"{name}: cannot read {value!r}; give bytes or a number with a unit, e.g. 1GiB or 800MiB")
-        amount = int(float(match.group(1)) * BYTE_UNITS[match.group(2).lower()])
+    """An integer number of bytes, or a string such as '1GiB' / '500MB' / '12 GB' (dask.utils.parse_bytes: the
+    binary units KiB..PiB and the decimal kB..PB, case-insensitive); at least 1 MiB. `name` (a config field or a
+    CLI option) starts the error message."""
+    from dask.utils import parse_bytes as dask_parse_bytes
+
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not any(map(str.isdigit, str(value))):
+            raise ValueError(value)
+        amount = dask_parse_bytes(value)
+    except (ValueError, OverflowError):
+        raise UserError(f"{name}: cannot read {value!r}; give bytes or a number with a unit, e.g. 1GiB or 800MiB"
+                        ) from None
     if amount < 2**20:
         raise UserError(f"{name}: must be at least 1MiB (e.g. 1GiB), got {value!r}")
     return amount
