@@ -1,6 +1,6 @@
 """Helpers for tests that run real processes on loopback: the `cntk` CLI, a Dask scheduler, workers.
 
-Every process gets PYTHONPATH = the repository (the package need not be installed) and one numba thread.
+Every process gets this interpreter's environment (the installed package: `pip install -e .`) and one numba thread.
 No helper here waits for a number of seconds: each waits for progress (a port that listens, workers that
 joined, completion records) and fails at once when a process it depends on has exited; the wall-clock
 bound of a whole test is pytest-timeout's (pyproject.toml).
@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def proc_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # scripts that call `dask` or `cntk` get this interpreter's environment, activated or not
     env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
