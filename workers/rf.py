@@ -21,6 +21,7 @@ import numpy as np
 from . import rf_net
 from .validate import check_pair
 from .vocab import KINDS, RF_ARCHS, KernelKey
+
 DEFAULT_MAX_BYTES = 2 ** 30
 MAX_CHUNK = 64  # images per backward pass: larger batches gain little and cost activation memory
 
