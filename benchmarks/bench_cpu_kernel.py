@@ -1,20 +1,17 @@
 """CPU tile-kernel throughput: pairs per second for CNTK-V and CNTK-GAP at depths 3, 6, 11, 21.
 
-    python benchmarks/bench_cpu_kernel.py [--out NAME]
+    python -m benchmarks.bench_cpu_kernel [--out NAME]
 
 Achieved fraction of the SIMD limit, by our own count of float operations per entry and layer (see OPS_PER_ENTRY_LAYER):
 limit = cores x clock x fp32 lanes x 2 vector float instructions per cycle (two FP pipes; an FMA counts once).
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cpu_info, write_result  # noqa: E402
-from cntk_gram.workers.cpu import tile_kernels  # noqa: E402
+from benchmarks.common import cpu_info, write_result
+from cntk_gram.workers.cpu import tile_kernels
 
 # Float operations per entry and layer in workers/_cpu_kernels.py, counted from the source:
 # rho 2 mul + clamp 2 + abs 1; arccos polynomial 7 mul + 7 add, 1 - a, sqrt, mul; pi - t select 3;

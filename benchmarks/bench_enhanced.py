@@ -1,6 +1,6 @@
 """CPU cost of the enhanced readouts (docs/enhanced.md): pairs/s of CNTK-GAP vs GAP + LAP(c) vs GAP + flip, 32x32.
 
-    python benchmarks/bench_enhanced.py [--out NAME] [--depths 3 6] [--rows 2] [--cols 32] [--reps 3]
+    python -m benchmarks.bench_enhanced [--out NAME] [--depths 3 6] [--rows 2] [--cols 32] [--reps 3]
 
 Every configuration is timed `reps` times, interleaved (GAP, LAP..., flip, GAP, ...) so that load from other processes
 on a shared machine hits all of them alike; the JSON keeps every time, the median and the load average before and
@@ -8,15 +8,12 @@ after. It also records the GPU cost predicted for each readout relative to GAP (
 """
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cpu_info, write_result  # noqa: E402
-from cntk_gram.workers.cpu import tile_kernels  # noqa: E402
+from benchmarks.common import cpu_info, write_result
+from cntk_gram.workers.cpu import tile_kernels
 
 LAP_SIZES = (2, 4, 8)
 # name -> tile_kernels keyword arguments (all with archs=("gap",)); "diag" runs the Gram of the first 16 columns with

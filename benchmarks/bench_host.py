@@ -1,6 +1,6 @@
 """Host-side ceiling of the pipeline: `cntk run` end to end with the tile kernel replaced by a GPU stand-in.
 
-    python benchmarks/bench_host.py [--cifar-root DIR] [--train 8000 --test 2000 --tile 1000]
+    python -m benchmarks.bench_host [--cifar-root DIR] [--train 8000 --test 2000 --tile 1000]
                                     [--device-ns-per-pair 60] [--slots 1,2] [--copy all,selected] [--repeats 2]
 
 Every run is `cntk run` (backend cpu, embedded cluster, 1 worker, CNTK-V, kinds ntk, depths 3,4,6,11,21 by default)
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cpu_info, write_result  # noqa: E402
+from benchmarks.common import cpu_info, write_result
 
 STANDIN = Path(__file__).resolve().with_name("host_standin.py")
 COPY_MODES = ("all", "selected")

@@ -1,7 +1,7 @@
 """End to end through the pipeline: CNTK-V, one pass with all depths up to 21, on 2,000 training and 2,000 test
 CIFAR-10 images (train x train upper triangle + train x test = 6,001,000 pairs), embedded local cluster, CPU.
 
-    python benchmarks/bench_pipeline.py --cifar-root DIR [--train 2000 --test 2000 --tile 500]
+    python -m benchmarks.bench_pipeline --cifar-root DIR [--train 2000 --test 2000 --tile 500]
 
 Target: <= 3 minutes wall on a 2-core machine. Writes benchmarks/results/pipeline-cpu.json.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cpu_info, write_result  # noqa: E402
+from benchmarks.common import cpu_info, write_result
 
 
 def main():

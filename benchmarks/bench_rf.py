@@ -1,6 +1,6 @@
 """Random-features throughput on CPU (width 128, 32x32x3 images) and a predicted GPU time for CIFAR-2.
 
-    python benchmarks/bench_rf.py [--images 8] [--out rf-cpu]
+    python -m benchmarks.bench_rf [--images 8] [--out rf-cpu]
 
 Measured: one diagonal tile of `--images` images per (arch, depth), depths 3, 6, 11, 21, vanilla and GAP nets: seconds,
 pairs/s, image gradients/s and achieved GFLOP/s by our float-operation count (`rf_net.flop_counts`); and the float32
@@ -11,15 +11,12 @@ count at an assumed sustained float32 rate.
 """
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cpu_info, write_result  # noqa: E402
-from cntk_gram.workers import rf, rf_net  # noqa: E402
+from benchmarks.common import cpu_info, write_result
+from cntk_gram.workers import rf, rf_net
 
 WIDTH, SHAPE, CHANNELS = 128, (32, 32), 3
 # Assumed sustained float32 rate of one H200 on these convs and matmuls (no TF32): about half of its ~67 TFLOP/s

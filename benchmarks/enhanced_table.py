@@ -1,7 +1,7 @@
 """The CPU-scale comparison table of issue [D]: GAP vs LAP(c) vs flip vs ZCA vs all together, from the reports of
 the standard and the ZCA store (`cntk paper configs/enhanced/cifar10-80-{standard,zca}.yaml --out ...`).
 
-    python benchmarks/enhanced_table.py benchmarks/results/enhanced-cpu-standard benchmarks/results/enhanced-cpu-zca
+    python -m benchmarks.enhanced_table benchmarks/results/enhanced-cpu-standard benchmarks/results/enhanced-cpu-zca
 
 Prints a Markdown table: one line per (images, kernel, depth) with the test accuracy at lambda = 0 and at the
 validated lambda, each with its binomial standard error sqrt(p (1 - p) / n_test).

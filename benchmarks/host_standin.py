@@ -23,8 +23,8 @@ import numpy as np
 
 import cntk_gram.pipeline.tasks as tasks
 import cntk_gram.workers.cpu as cpu
+from cntk_gram.workers.vocab import KINDS, KernelKey
 
-KINDS = ("ntk", "nngp")
 _device_lock = threading.Lock()
 _log_lock = threading.Lock()
 _source = {"planes": None}  # the "device" result buffer: (2, layers, n, m) float32, finite non-constant values
@@ -78,7 +78,7 @@ def standin_tile_kernels(x, y=None, *, archs, max_depth, lap=(), flip=False, dep
     _log(f"device {requested:.6f} {t0:.6f} {t1:.6f} {t1 - copy_start:.6f}")
     if copy_all:  # the asked-for depths, cut from the full copy outside the lock
         stacks = {kind: host[KINDS.index(kind)][[d - 2 for d in depths]] for kind in kinds}
-    return {f"{kind}-vanilla": stacks[kind] for kind in kinds}
+    return {str(KernelKey(kind, "vanilla")): stacks[kind] for kind in kinds}
 
 
 def _timed(event, function):

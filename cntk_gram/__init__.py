@@ -17,17 +17,11 @@ Names resolve on first use, so `import cntk_gram` stays cheap (no Dask, Zarr or 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 __version__ = "0.1.0"
 
-# An install maps the folders pipeline/ and workers/ into this package (pyproject.toml, package-dir). In a
-# source checkout they sit beside this folder instead, and Python finds this folder first whenever the
-# checkout root is on sys.path (e.g. the current directory): search the checkout root too, so that
-# cntk_gram.pipeline and cntk_gram.workers resolve to the checkout's own folders there.
-_checkout = Path(__file__).resolve().parent.parent
-if not (Path(__file__).parent / "workers").is_dir() and (_checkout / "workers" / "cntk_tile.cu").is_file():
-    __path__.append(str(_checkout))
+# The folders pipeline/ and workers/ become cntk_gram.pipeline and cntk_gram.workers only through an install
+# (pyproject.toml, package-dir; `pip install -e .` for a checkout): this package never edits its own search path.
 
 # public name -> (module, attribute)
 _EXPORTS = {

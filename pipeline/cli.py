@@ -14,6 +14,7 @@ import click
 from cntk_gram.pipeline.config import parse_bytes
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
+from cntk_gram.workers.vocab import BACKEND_CHOICES
 
 
 # --- errors at the edge ---------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--flip/--no-flip", default=None, help="Flip-averaged kernels too (overrides kernel.flip).")
 @click.option("--no-random-features", is_flag=True,
               help="Ignore the config's kernel.random_features block: exact kernels only.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), help="Kernel backend.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), help="Kernel backend.")
 @scheduler_options
 @click.option("--workers", type=int, help="Worker processes of the embedded local cluster.")
 @click.option("--threads", type=int, help="Numba threads per local worker (default: cores / workers).")
@@ -143,7 +144,7 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
 @click.argument("config_path", metavar="CONFIG")
 @scheduler_options
 @click.option("--store", default=None, help="Store path (overrides the config's store).")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=None,
               help="Tile backend on the workers (overrides the config).")
 def submit(config_path, scheduler, scheduler_file, store, backend):
     """Queue CONFIG's missing tiles on a running cluster and return; follow with `cntk status STORE`."""
@@ -270,7 +271,7 @@ def solve_options(fn):
                      help="Share of each training class held out to choose λ."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split."),
         click.option("--no-validation", is_flag=True, help="Only the paper's λ=0, no λ selection."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+        click.option("--device", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                      help="Where to factor: CuPy GPU when available for auto."),
         click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 2**30}GiB", show_default=True,
                      help="Host memory the CPU factorisation may use; larger problems go out of core."),

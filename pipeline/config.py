@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +28,14 @@ from typing import Any
 import yaml
 
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.workers.enhanced import check_lap, output_keys
+from cntk_gram.workers.enhanced import check_lap
 from cntk_gram.workers.preprocess import check_zca_epsilon
+from cntk_gram.workers.vocab import ARCHS, BACKEND_CHOICES, KINDS, MAX_LAP, RF_ARCHS, output_keys, rf_keys
 
-ARCHS = ("vanilla", "gap", "fc")
-KINDS = ("ntk", "nngp")
-BACKENDS = ("auto", "cpu", "gpu")
 SOURCES = ("cifar10",)
 N_CLASSES = 10
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}
 PREPROCESS = ("standard", "zca")
-MAX_LAP = 8                         # LAP sizes per pass: the GPU kernel's limit, kept for every backend so that a
-                                    # store can be resumed on either
-RF_ARCHS = ("vanilla", "gap")       # the architectures that have a finite random-features network
-BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
 def torch_available() -> bool:
@@ -90,10 +83,9 @@ class KernelConfig:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """Exact kernel keys in the tile call's order (cntk_gram.workers.enhanced.output_keys) for the chosen kinds:
+        """Exact kernel keys in the tile call's order (cntk_gram.workers.vocab.output_keys) for the chosen kinds:
         '{kind}-{arch}' (arch-major), '{kind}-lap{c}', then with flip every one of them again + '-flip'."""
-        return tuple(key for key in output_keys(self.archs, self.lap, self.flip)
-                     if key.split("-", 1)[0] in self.kinds)
+        return tuple(output_keys(self.archs, self.lap, self.flip, self.kinds))
 
     @property
     def rf_archs(self) -> tuple[str, ...]:
@@ -103,7 +95,7 @@ class KernelConfig:
     @property
     def rf_keys(self) -> tuple[str, ...]:
         """Random-features kernel keys 'rf-{kind}-{arch}' (arch-major), empty without random_features."""
-        return tuple(f"rf-{kind}-{arch}" for arch in self.rf_archs for kind in self.kinds)
+        return tuple(rf_keys(self.rf_archs, self.kinds))
 
 
 @dataclass(frozen=True)
@@ -190,7 +182,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
         data=_data(sections["data"]),
         kernel=_kernel(sections["kernel"]),
         tiles=TileConfig(size=_int("tiles.size", sections["tiles"].get("size", TileConfig.size), low=1)),
-        backend=_choice("backend", raw.get("backend", "auto"), BACKENDS),
+        backend=_choice("backend", raw.get("backend", "auto"), BACKEND_CHOICES),
         store=_str("store", raw.get("store", RunConfig.store)),
         cluster=_cluster(sections["cluster"]),
     )
@@ -331,15 +323,18 @@ def _random_features(raw: Any) -> RandomFeaturesConfig:
 
 
 def parse_bytes(name: str, value: Any) -> int:
-    """An integer number of bytes, or a string such as '1GiB' / '500MB'; at least 1 MiB. `name` (a config
-    field or a CLI option) starts the error message."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        amount = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in BYTE_UNITS:
-            raise UserError(f"{name}: cannot read {value!r}; give bytes or a number with a unit, e.g. 1GiB or 800MiB")
-        amount = int(float(match.group(1)) * BYTE_UNITS[match.group(2).lower()])
+    """An integer number of bytes, or a string such as '1GiB' / '500MB' / '12 GB' (dask.utils.parse_bytes: the
+    binary units KiB..PiB and the decimal kB..PB, case-insensitive); at least 1 MiB. `name` (a config field or a
+    CLI option) starts the error message."""
+    from dask.utils import parse_bytes as dask_parse_bytes
+
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not any(map(str.isdigit, str(value))):
+            raise ValueError(value)
+        amount = dask_parse_bytes(value)
+    except (ValueError, OverflowError):
+        raise UserError(f"{name}: cannot read {value!r}; give bytes or a number with a unit, e.g. 1GiB or 800MiB"
+                        ) from None
     if amount < 2**20:
         raise UserError(f"{name}: must be at least 1MiB (e.g. 1GiB), got {value!r}")
     return amount

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from cntk_gram.workers.vocab import KernelKey
+
 SOURCE = "Arora et al., NeurIPS 2019 (arXiv 1904.11955)"
 CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
 CIFAR2 = (0, 1)                      # airplane, automobile: the paper's CIFAR-2
@@ -96,4 +98,4 @@ def matching_columns(protocol: Protocol | None) -> dict[str, PaperColumn]:
     return {column.kernel: column for column in COLUMNS
             if (column.n_train, column.n_test, column.classes)
             == (protocol.n_train, protocol.n_test, protocol.classes)
-            and not (other_width and column.kernel.startswith("rf-"))}
+            and not (other_width and KernelKey.parse(column.kernel).rf)}

@@ -18,7 +18,9 @@ from pathlib import Path
 
 RECORDS = "tiles/done"
 CANCEL_FLAG = "tiles/cancel/zarr.json"
-STRAY_PATTERNS = ("*.partial", ".zarr.json.*")  # zarr's chunk temp files; our temp group files
+# zarr's chunk temp files (zarr >= 3.1.3 writes each chunk to '{name}.{uuid}.partial', then renames it: pyproject.toml);
+# our temp group files
+STRAY_PATTERNS = ("*.partial", ".zarr.json.*")
 
 
 def _publish(target: Path, attributes: dict) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cntk_gram.pipeline.paper import SOURCE, PaperColumn, Protocol, matching_columns
+from cntk_gram.workers.vocab import KernelKey
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 HEADER = ("kernel", "depth", "acc λ=0 (%)", "λ*", "val acc (%)", "acc λ* (%)", "paper (%)")
@@ -101,12 +102,21 @@ def table_cells(rows: list[dict], columns: Columns | None = None) -> list[tuple[
         if row.get("draw") is not None:
             continue
         cells.append(_exact_cells(row, columns))
-        twin = (f"rf-{row['kernel']}", row["depth"])
+        twin = (_rf_twin(row["kernel"]), row["depth"])
         if twin in rf:
             cells.append(_rf_cells(rf[twin], columns))
             placed.add(twin)
     cells += [_rf_cells(summary, columns) for key, summary in rf.items() if key not in placed]
     return cells
+
+
+def _rf_twin(kernel: str) -> str | None:
+    """'ntk-gap' -> 'rf-ntk-gap': the random-features kernel that estimates an exact one (None: there is none)."""
+    try:
+        twin = KernelKey.parse(kernel).rf_twin()
+    except ValueError:   # a row of a kernel this version does not know: shown, but has no twin
+        return None
+    return None if twin is None else str(twin)
 
 
 def _exact_cells(row: dict, columns: Columns | None) -> tuple[str, ...]:

@@ -11,8 +11,9 @@ Why two clients (or a resubmission) cannot corrupt a store:
 - submitted task keys are `cntk-{store id}-{I}-{J}`: the scheduler merges a second submission of a
   tile that is still queued or running into the first one;
 - a task that starts after its tile was finished (by anyone) re-checks the record and skips;
-- tiles are deterministic and every chunk and record is published by an atomic rename, so two
-  writers of one tile write the same bytes and a reader never sees a half-written file.
+- tiles are deterministic and every chunk and record is published by an atomic rename (chunks: zarr's
+  LocalStore from 3.1.3 on, the version pyproject.toml requires; records: records.py), so two writers of one
+  tile write the same bytes and a reader never sees a half-written file.
 
 `cancel` sets the store's cancel flag, which every task checks before it starts, and cancels the
 store's queued tasks on the scheduler by key prefix. Running tiles finish normally.

@@ -23,6 +23,8 @@ import dask.array as da
 import numpy as np
 from scipy.linalg import blas, lapack, solve_triangular
 
+from cntk_gram.workers.vocab import gpu_available
+
 DEFAULT_MEMORY_BUDGET = 12 * 2**30          # bytes of host memory the CPU factorisation may use
 DEFAULT_LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_VAL_FRACTION = 0.1
@@ -50,12 +52,9 @@ def array_module(device: str):
     """numpy for 'cpu', cupy for 'gpu', cupy if it sees a device for 'auto'."""
     if device == "cpu":
         return np
-    try:
+    if gpu_available():
         import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception:  # no cupy, no driver, no device
-        pass
+        return cupy
     if device == "gpu":
         raise DeviceUnavailable("--device gpu: CuPy cannot see a CUDA device here; use --device cpu or auto")
     return np

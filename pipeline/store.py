@@ -6,9 +6,10 @@ Layout (a user-facing contract; see README "Store contract"):
     inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test
     gram/{key}/depth-{D}          float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
                                   only chunks (I, J) with I <= J are written. key: an output key of the tile
-                                  call (cntk_gram.workers.enhanced.output_keys): {kind}-{arch}, {kind}-lap{c},
+                                  call (cntk_gram.workers.vocab.output_keys): {kind}-{arch}, {kind}-lap{c},
                                   and with kernel.flip each of them + '-flip' (ntk-gap-flip, ntk-lap4-flip)
     gram/rf-{kind}-{arch}/depth-{D}/draw-{R}   the same, for random-features draw R (kernel.random_features)
+    (key and array-name grammar: cntk_gram.workers.vocab, KernelKey, array_name, parse_array_name)
     tiles/done/{I}-{J}            completion record (cntk_gram.pipeline.records)
     attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays},
            preprocessing {mean, std, zca (only with data.preprocess zca: epsilon, source_fingerprint,
@@ -21,13 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import NamedTuple
 
 import crc32c
 import dask.array as da
@@ -41,6 +40,7 @@ from cntk_gram.pipeline.data import Inputs, fingerprint
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.plan import block_bounds, plan_tiles
 from cntk_gram.pipeline.records import RECORDS, read_record, record_complete, write_record
+from cntk_gram.workers.vocab import ArrayName, array_name, parse_array_name   # the array-name grammar
 
 
 def package_version() -> str:
@@ -54,33 +54,6 @@ def package_version() -> str:
             return tomllib.loads(pyproject.read_text())["project"]["version"]
         except (ImportError, OSError, KeyError, ValueError):
             return "unknown"
-
-
-KEY = re.compile(r"[a-z]+[0-9]*(?:-[a-z]+[0-9]*)+")   # ntk-gap, ntk-lap4, nngp-lap16-flip, rf-ntk-gap
-
-
-class ArrayName(NamedTuple):
-    """A Gram array's key, depth and random-features draw (None for the exact kernels)."""
-    key: str
-    depth: int
-    draw: int | None = None
-
-
-def array_name(key: str, depth: int, draw: int | None = None) -> str:
-    """'ntk-gap', 11 -> 'gram/ntk-gap/depth-11'; 'rf-ntk-gap', 11, 0 -> 'gram/rf-ntk-gap/depth-11/draw-0';
-    'ntk-lap4-flip', 11 -> 'gram/ntk-lap4-flip/depth-11'. The inverse is parse_array_name."""
-    return f"gram/{key}/depth-{depth}" + ("" if draw is None else f"/draw-{draw}")
-
-
-def parse_array_name(name: str) -> ArrayName:
-    """'gram/ntk-gap/depth-11' -> ('ntk-gap', 11, None); 'gram/rf-ntk-gap/depth-3/draw-2' -> ('rf-ntk-gap', 3, 2);
-    'gram/ntk-lap4-flip/depth-11' -> ('ntk-lap4-flip', 11, None); ValueError for any other name."""
-    match = re.fullmatch(rf"gram/({KEY.pattern})/depth-([0-9]+)(?:/draw-([0-9]+))?", name)
-    if not match:
-        raise ValueError(f"not a Gram array name: {name!r} (expected gram/{{key}}/depth-{{D}}, key e.g. ntk-gap, "
-                         f"ntk-lap4, ntk-gap-flip, or gram/rf-{{kind}}-{{arch}}/depth-{{D}}/draw-{{R}})")
-    draw = match.group(3)
-    return ArrayName(match.group(1), int(match.group(2)), None if draw is None else int(draw))
 
 
 def _order(name: ArrayName) -> tuple:

@@ -1,18 +1,22 @@
 """Helpers for tests that run real processes on loopback: the `cntk` CLI, a Dask scheduler, workers.
 
-Every process gets PYTHONPATH = the repository (the package need not be installed) and one numba thread.
+Every process gets this interpreter's environment (the installed package: `pip install -e .`) and one numba thread.
 No helper here waits for a number of seconds: each waits for progress (a port that listens, workers that
 joined, completion records) and fails at once when a process it depends on has exited; the wall-clock
 bound of a whole test is pytest-timeout's (pyproject.toml).
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +27,25 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_commands() -> Path:
+    """A folder whose `dask` and `cntk` run this interpreter (`python -m ...`), removed at exit. Its own bin folder is
+    not enough: a virtual environment that inherits Dask from its base Python has no `dask` script, and the base's
+    would run without the package installed here."""
+    folder = Path(tempfile.mkdtemp(prefix="cntk-test-bin-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for name, module in (("dask", "dask"), ("cntk", "cntk_gram.pipeline.cli")):
+        script = folder / name
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        script.chmod(0o755)
+    return folder
+
+
 def proc_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # scripts that call `dask` or `cntk` get this interpreter's environment, activated or not
-    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    env["PATH"] = os.pathsep.join(filter(None, [str(interpreter_commands()), str(Path(sys.executable).parent),
+                                                env.get("PATH")]))
     env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.update(extra)
     return env

@@ -1,7 +1,7 @@
 """Config loading: the issue's YAML shape, validation messages, overrides, resume comparison."""
 import pytest
 
-from cntk_gram.pipeline.config import build_config, config_differences, load_config, to_dict
+from cntk_gram.pipeline.config import build_config, config_differences, load_config, parse_bytes, to_dict
 from cntk_gram.pipeline.errors import UserError
 
 ISSUE_YAML = """
@@ -98,3 +98,20 @@ def test_differences_ignore_non_result_fields():
     c = build_config({"data": {"train": 10}, "kernel": {"depths": [3, 4]}})
     (difference,) = config_differences(to_dict(a), to_dict(c))
     assert difference.startswith("kernel.depths") and "[3]" in difference and "[3, 4]" in difference
+
+
+@pytest.mark.parametrize("value, amount", [
+    ("12GiB", 12 * 2**30), ("12 GB", 12 * 10**9), ("800MiB", 800 * 2**20), ("4MiB", 4 * 2**20), ("500MB", 500 * 10**6),
+    ("1.5GiB", 3 * 2**29), (" 2 gib ", 2 * 2**30), ("12gb", 12 * 10**9), ("1048576", 2**20), (2**20, 2**20),
+    (3 * 2**30, 3 * 2**30), (1.5e9, 1_500_000_000), ("2097152B", 2 * 2**20)])
+def test_byte_sizes_read_by_dask_parse_bytes(value, amount):
+    assert parse_bytes("--memory-budget", value) == amount
+
+
+@pytest.mark.parametrize("value, message", [
+    ("lots", "cannot read 'lots'"), ("", "cannot read ''"), ("GiB", "cannot read 'GiB'"), ("12 GiBs", "cannot read"),
+    (True, "cannot read True"), (None, "cannot read None"), ([1], "cannot read"), ("1e400", "cannot read"),
+    ("1KiB", "must be at least 1MiB"), (1000, "must be at least 1MiB"), ("-4MiB", "must be at least 1MiB")])
+def test_unreadable_or_small_byte_sizes_name_the_option(value, message):
+    with pytest.raises(UserError, match=f"^--memory-budget: {message}"):
+        parse_bytes("--memory-budget", value)

@@ -18,6 +18,7 @@ import pytest
 from _images import cifar_images
 from cntk_gram.workers import gpu
 from cntk_gram.workers.reference import _layer_covariances, cntk_pair, cntk_reference, tr_d
+from cntk_gram.workers.vocab import gpu_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -837,20 +838,7 @@ def test_launcher_flip_on_diagonal_tile_uploads_mirrored_columns(monkeypatch):
 
 # ---------------------------------------------------------------- GPU
 
-def _gpu_skip_reason():
-    """None when CuPy imports and sees a CUDA device, else why the GPU tests are skipped."""
-    try:
-        import cupy
-    except ImportError as exc:
-        return f"cupy not importable ({exc}); GPU tests need CuPy and a CUDA device"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no driver
-        return f"no CUDA device usable ({type(exc).__name__}: {exc})"
-    return None if count > 0 else "no CUDA device present"
-
-
-_NO_GPU = _gpu_skip_reason()
+_NO_GPU = gpu_unavailable_reason()   # None when CuPy imports and sees a CUDA device, else why the GPU tests skip
 needs_gpu = pytest.mark.skipif(_NO_GPU is not None, reason=_NO_GPU or "")
 
 

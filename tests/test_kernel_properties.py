@@ -4,9 +4,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cntk_gram.workers.cpu import tile_kernels
+from cntk_gram.workers.vocab import ARCHS
 
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ARCHS = ("vanilla", "gap", "fc")
 
 
 def images(seed, n, size=5, channels=3):

@@ -8,6 +8,7 @@ import pytest
 from cntk_gram.workers import kernel_block, zca_apply, zca_fit
 from cntk_gram.workers.cpu import tile_kernels
 from cntk_gram.workers.reference import cntk_reference, final_layers
+from cntk_gram.workers.vocab import KernelKey
 
 from _images import cifar_images
 
@@ -60,7 +61,7 @@ def test_selected_depths_and_kinds_match_reference(rng, depths, kinds):
     for yy in (y, None):
         ref = cntk_reference(x, yy, max_depth=5, lap=(1,), flip=True)
         got = tile_kernels(x, yy, max_depth=5, dtype=np.float64, lap=(1,), flip=True, depths=depths, kinds=kinds)
-        assert sorted(got) == sorted(key for key in ref if key.split("-")[0] in kinds)
+        assert sorted(got) == sorted(key for key in ref if KernelKey.parse(key).kind in kinds)
         for key, stack in got.items():
             assert stack.shape == (len(depths), 3, 3 if yy is None else 2)
             assert_rel(stack, ref[key][[d - 2 for d in depths]], TOL[np.float64], key)

@@ -33,8 +33,7 @@ SMALL = {"data": {"train": 120, "test": 40}, "kernel": {"archs": ["vanilla"], "d
 
 
 def subprocess_env():
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "NUMBA_NUM_THREADS": "1"}
+    return {**os.environ, "NUMBA_NUM_THREADS": "1"}   # the installed package (pip install -e .), one numba thread
 
 
 def write_config(path, raw, *, root, store):

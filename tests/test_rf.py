@@ -19,6 +19,7 @@ from cntk_gram.workers.reference import cntk_reference
 torch = pytest.importorskip("torch", reason="random features need PyTorch (pip install -e .[rf])")
 
 from cntk_gram.workers import rf, rf_net  # noqa: E402
+from cntk_gram.workers.vocab import KernelKey  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def convergence(images):
             k = rf.rf_tile_kernels(images, archs=("vanilla", "gap"), depths=(DEPTH,), kinds=("ntk", "nngp"),
                                    width=width, draw=draw, seed=11)
             for key, v in k.items():
-                _, kind, arch = key.split("-")
+                parsed = KernelKey.parse(key)
+                kind, arch = parsed.kind, parsed.arch
                 est.setdefault((arch, kind), {}).setdefault(width, []).append(v[0].astype(np.float64))
     exact = cntk_reference(images.astype(np.float64), max_depth=DEPTH + 1)
     return {key: {w: np.array(v) for w, v in per_width.items()} for key, per_width in est.items()}, exact

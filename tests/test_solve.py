@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from cntk_gram.pipeline import solve
 from cntk_gram.workers.preprocess import targets
+from cntk_gram.workers.vocab import gpu_unavailable_reason
 
 
 def spd_gram(rng, n, *, chunk, dtype=np.float64, rank=None):
@@ -223,9 +224,8 @@ def test_device_branch_with_a_numpy_stand_in(rng, monkeypatch, free_bytes, n_pan
 
 @pytest.mark.gpu
 def test_gpu_blocked_and_in_core_match_numpy(rng):
-    cupy = pytest.importorskip("cupy")
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA device")
+    if gpu_unavailable_reason() is not None:
+        pytest.skip(gpu_unavailable_reason())
     k, a = spd_gram(rng, 53, chunk=8)
     b = rng.standard_normal((53, 10))
     for panel_width in (None, 16):

@@ -1,4 +1,5 @@
 """Store layout, symmetric reader, records and checksums, refusal of foreign stores, data selection."""
+import os
 import pickle
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def test_download_checks_md5_then_unpacks(cifar_root, tmp_path, monkeypatch):
     loaded = cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "second")
     assert loaded["train_images"].shape == (50000, 32, 32, 3) and loaded["test_labels"].shape == (10000,)
     assert (tmp_path / "second" / "cifar-10-batches-py" / "test_batch").exists()
+
+
+def test_zarr_publishes_a_chunk_only_by_renaming_a_complete_temp_file(tmp_path, monkeypatch):
+    """The crash-safety claim of run.py and records.py (zarr >= 3.1.3, pinned in pyproject.toml): a chunk reaches its
+    name only through a rename of a finished '.partial' temp file, so a writer that dies first leaves the old chunk."""
+    path = tmp_path / "a.zarr"
+    array = zarr.create_array(path, shape=(4,), chunks=(4,), dtype="float32", fill_value=np.nan,
+                              compressors=None)
+    array[:] = 1.0
+    renames = []
+
+    def failing_replace(src, dst, *args, **kwargs):
+        renames.append((Path(src), Path(dst)))
+        raise OSError("the writer died before its rename")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="died before its rename"):
+        array[:] = 2.0
+    monkeypatch.undo()
+    assert renames and renames[0][0].name.endswith(".partial") and renames[0][0].parent == renames[0][1].parent
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], np.ones(4, np.float32))

@@ -11,11 +11,16 @@ flattened images). Each comes with its NNGP ("nngp-{arch}") from the same pass. 
 Enhanced readouts (docs/enhanced.md, CPU and GPU backends): lap=(2, 4) adds "ntk-lap2", "nngp-lap2", ... (needs "gap");
 flip=True adds "{key}-flip" for every key. ZCA: params = zca_fit(train, epsilon); zca_apply(images, params).
 """
-import numpy as np
+# One importable name per module: never a second copy of this package under the folder's bare name.
+if __name__ != "cntk_gram.workers":
+    raise ImportError(f"the folder workers/ is the package cntk_gram.workers and cannot be imported as {__name__!r}: "
+                      "install the package (pip install -e . in the repository root) and import cntk_gram.workers")
 
-from .backends import get_backend, resolve_backend
-from .preprocess import channel_stats, preprocess, targets, zca_apply, zca_fit
-from .reference import cntk_reference, fc_reference
+import numpy as np  # noqa: E402
+
+from .backends import get_backend, resolve_backend  # noqa: E402
+from .preprocess import channel_stats, preprocess, targets, zca_apply, zca_fit  # noqa: E402
+from .reference import cntk_reference, fc_reference  # noqa: E402
 
 __all__ = ["kernel_block", "channel_stats", "preprocess", "targets", "zca_fit", "zca_apply", "cntk_reference",
            "fc_reference", "get_backend", "resolve_backend"]

@@ -1,16 +1,7 @@
 """Backend selection: every backend module exposes the same `tile_kernels` (docs/ARCHITECTURE.md)."""
 import importlib
 
-BACKENDS = ("cpu", "gpu")
-
-
-def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # ImportError, CUDARuntimeError without a driver, ...
-        return False
+from .vocab import BACKEND_CHOICES, BACKENDS, gpu_available
 
 
 def resolve_backend(name: str) -> str:
@@ -18,7 +9,7 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         return "gpu" if gpu_available() else "cpu"
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; allowed: auto, {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKEND_CHOICES)}")
     if name == "gpu" and not gpu_available():
         raise RuntimeError("backend 'gpu' requested but no CUDA device is usable (is cupy installed and a GPU "
                            "visible?); use backend: cpu or auto")

@@ -11,8 +11,9 @@ import threading
 import numpy as np
 
 from . import _cpu_kernels as _k
-from .enhanced import flip_images, lap_weights, output_keys, select_depths
+from .enhanced import flip_average, flip_images, lap_weights, select_depths
 from .validate import check_tile_call, same_images
+from .vocab import LAP_ARCH, KernelKey, output_keys
 
 # numba's default threading layer cannot run two parallel regions at once: serialise calls from Dask threads.
 _LOCK = threading.Lock()
@@ -86,7 +87,7 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
         # upper-triangle-and-mirror scheme applies with the mirrored images as columns.
         mirrored = _conv_fc(x, flip_images(yy), False, archs, max_depth, dtype, lap, mirror_sym=sym)
         for key in list(out):
-            out[f"{key}-flip"] = ((out[key].astype(np.float64) + mirrored[key]) / 2).astype(dtype)
+            out[str(KernelKey.parse(key).flipped())] = flip_average(out[key], mirrored[key], dtype)
     return select_depths(out, output_keys(archs, lap, flip, kinds), depths, max_depth)
 
 
@@ -115,13 +116,14 @@ def _conv_fc(x, yy, sym, archs, max_depth, dtype, lap, mirror_sym=None):
         upper = np.triu(np.ones((n, n), bool)) if tri else None
         p, q = x.shape[1:3]
         for arch in conv:
-            lap_w = lap_weights(lap if arch == "gap" else (), p, q)
+            arch_lap = lap if arch == LAP_ARCH else ()
+            lap_w = lap_weights(arch_lap, p, q)
             with _LOCK:
                 ntk, nngp, lap_vals = _k.pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same,
                                                       arch == "gap", consts, lap_w)
-            named = [(f"ntk-{arch}", ntk), (f"nngp-{arch}", nngp)]
-            for k, c in enumerate(lap if arch == "gap" else ()):
-                named += [(f"ntk-lap{c}", lap_vals[k, 0]), (f"nngp-lap{c}", lap_vals[k, 1])]
+            # the keys of one arch in output_keys order, each with its values: ntk, nngp, then per c ntk, nngp
+            values = [ntk, nngp] + [lap_vals[k, i] for k in range(len(arch_lap)) for i in (0, 1)]
+            named = zip(output_keys((arch,), arch_lap), values)
             for key, vals in named:
                 block = vals[:, :, :m].astype(dtype)
                 if tri:

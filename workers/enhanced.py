@@ -1,14 +1,15 @@
-"""Shared bits of the enhanced readouts (docs/enhanced.md): LAP(c) weights, the horizontal flip, input checks and the
-names of the output keys.
+"""Shared bits of the enhanced readouts (docs/enhanced.md): LAP(c) weights, the horizontal flip and its average,
+input checks and the depth selection of a tile call's output.
 
-Key names (every value is (max_depth - 1, n, m), depth d at index d - 2, like the plain kernels):
+Key names (every value is (max_depth - 1, n, m), depth d at index d - 2, like the plain kernels), written and read by
+cntk_gram.workers.vocab (KernelKey, output_keys):
     "{kind}-lap{c}"          LAP(c) readout of the GAP recursion, kind in ("ntk", "nngp"), e.g. "ntk-lap4"
     "{kind}-{arch}-flip"     flip-averaged kernel of any plain key, e.g. "ntk-gap-flip", "nngp-vanilla-flip"
     "{kind}-lap{c}-flip"     flip-averaged LAP(c), e.g. "ntk-lap4-flip"
 """
 import numpy as np
 
-KINDS = ("ntk", "nngp")
+from .vocab import LAP_ARCH
 
 
 def check_lap(lap, archs) -> tuple[int, ...]:
@@ -24,7 +25,7 @@ def check_lap(lap, archs) -> tuple[int, ...]:
     for c in values:
         if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or c < 0:
             raise ValueError(f"lap sizes must be integers >= 0 (pixels of shift per axis), got {c!r} in {values!r}")
-    if values and "gap" not in archs:
+    if values and LAP_ARCH not in archs:
         raise ValueError(f"lap={list(values)} is a readout of the GAP recursion: add 'gap' to archs (got "
                          f"{list(archs)}); 'vanilla' and 'fc' have no position pairs to weight")
     return tuple(dict.fromkeys(int(c) for c in values))
@@ -55,12 +56,9 @@ def flip_images(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, :, ::-1, :])
 
 
-def output_keys(archs, lap=(), flip=False, kinds=KINDS) -> list[str]:
-    """Keys a tile call returns, in order: plain, then LAP, then the flip-averaged copies of all of them; only those
-    of `kinds` (the key's first part)."""
-    plain = [f"{kind}-{arch}" for arch in archs for kind in KINDS if kind in kinds]
-    plain += [f"{kind}-lap{c}" for c in lap for kind in KINDS if kind in kinds]
-    return plain + ([f"{k}-flip" for k in plain] if flip else [])
+def flip_average(plain: np.ndarray, mirrored: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """The flip-averaged kernel (K(x, y) + K(x, flip y)) / 2 from its two halves, summed in float64, in `dtype`."""
+    return ((np.asarray(plain).astype(np.float64) + mirrored) / 2).astype(dtype)
 
 
 def select_depths(out: dict, keys, depths, max_depth: int) -> dict:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .enhanced import flip_images, output_keys, select_depths, triangle
+from .enhanced import flip_average, flip_images, select_depths, triangle
 from .validate import check_tile_call, same_images
+from .vocab import LAP_ARCH, MAX_LAP, KernelKey, output_keys
 
 KERNEL_SOURCE = Path(__file__).parent / "cntk_tile.cu"
 SIDE, CHANNELS = 32, 3
@@ -51,7 +52,7 @@ INSTR_PER_ENTRY_LAYER = {"gap": 50, "vanilla": 47}
 FP32_INSTR_PER_ENTRY_LAYER = {"gap": 38, "vanilla": 36}
 # The same count for the GAP kernel of the LAP builds (-DLAP_COUNT=k), by k; checked by .ci/check_cuda.sh as well.
 LAP_INSTR_PER_ENTRY_LAYER = {1: 56, 3: 56}
-MAX_LAP = 8                                    # LAP sizes per pass (LAP_COUNT <= 8 in cntk_tile.cu: shared memory)
+# LAP sizes per pass: vocab.MAX_LAP (LAP_COUNT <= 8 in cntk_tile.cu: shared memory)
 
 _device_id = None
 _device_lock = threading.Lock()
@@ -213,12 +214,12 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
         y32 = None if y is None else np.ascontiguousarray(y, np.float32)
         with _device_lock:
             for arch in conv:
-                arch_lap = lap if arch == "gap" else ()
+                arch_lap = lap if arch == LAP_ARCH else ()
                 pick = dict(layers=max_depth - 1, lap=arch_lap, depths=depths, kinds=kinds)
                 out.update(_conv_tile(x32, y32, arch=arch, **pick))
                 if flip:
                     mirrored = _conv_tile(x32, y32, arch=arch, flip=True, **pick)
-                    out.update({f"{key}-flip": value for key, value in mirrored.items()})
+                    out.update({_flipped(key): value for key, value in mirrored.items()})
     if "fc" in archs:
         from .fc import fc_kernels
         fc_keys = output_keys(("fc",), kinds=kinds)
@@ -226,13 +227,17 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
         if flip:
             mirrored = fc_kernels(x, flip_images(x if y is None else y), max_depth=max_depth)
             mirrored = select_depths(mirrored, fc_keys, depths, max_depth)
-            out.update({f"{key}-flip": value for key, value in mirrored.items()})
+            out.update({_flipped(key): value for key, value in mirrored.items()})
     keys = output_keys(archs, lap, flip, kinds)
     for key in keys:
-        if key.endswith("-flip"):   # out holds K(x, flip y) under this key until here
-            plain = key[:-len("-flip")]
-            out[key] = ((out[plain].astype(np.float64) + out[key]) / 2).astype(np.float32)
+        parsed = KernelKey.parse(key)
+        if parsed.flip:   # out holds K(x, flip y) under this key until here
+            out[key] = flip_average(out[str(parsed.unflipped())], out[key], np.float32)
     return {key: out[key] for key in keys}
+
+
+def _flipped(key: str) -> str:
+    return str(KernelKey.parse(key).flipped())
 
 
 def _conv_tile(x, y, *, arch: str, layers: int, depths, kinds, lap=(), flip: bool = False) -> dict:
@@ -247,7 +252,7 @@ def _conv_tile(x, y, *, arch: str, layers: int, depths, kinds, lap=(), flip: boo
     n, m = len(x), len(y_host)
     slots = 2 * (1 + len(lap))
     names = output_keys((arch,), lap)   # the result's slots: ntk, nngp of arch, then of each LAP(c)
-    wanted = [s for s, name in enumerate(names) if name.split("-", 1)[0] in kinds]
+    wanted = [s for s, name in enumerate(names) if KernelKey.parse(name).kind in kinds]
     layer_index = [d - 2 for d in depths]
     device_id = current_device()
     module = load_module(device_id, compile_options(module_options(len(lap))))

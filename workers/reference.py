@@ -6,7 +6,9 @@ reference every fast path is tested against and is never used for production run
 """
 import numpy as np
 
+from .enhanced import flip_average
 from .validate import check_depth, check_pair
+from .vocab import KINDS, LAP_ARCH, KernelKey, output_keys
 
 C_SIGMA = 2.0
 Q2 = 9.0  # filter size q*q
@@ -94,8 +96,8 @@ def cntk_pair(x: np.ndarray, y: np.ndarray, max_depth: int, lap=()) -> dict[str,
     n_layers = max_depth - 1
     p, q = x.shape[:2]
     weights = {c: lap_tensor(c, p, q) for c in lap}
-    keys = ["ntk-vanilla", "nngp-vanilla", "ntk-gap", "nngp-gap"]
-    keys += [f"{kind}-lap{c}" for c in lap for kind in ("ntk", "nngp")]
+    keys = output_keys(("vanilla", "gap"), lap)
+    lap_keys = {c: [str(KernelKey(kind, LAP_ARCH, lap=int(c))) for kind in KINDS] for c in lap}
     out = {k: np.zeros(n_layers) for k in keys}
     for depth, final_v, final_g, k in final_layers(x, y, max_depth):
         # vanilla: traced on i=i', j=j'; GAP: averaged over all (i, j, i', j'); LAP: weighted average
@@ -104,8 +106,9 @@ def cntk_pair(x: np.ndarray, y: np.ndarray, max_depth: int, lap=()) -> dict[str,
         out["ntk-gap"][depth - 2] = final_g.mean()
         out["nngp-gap"][depth - 2] = k.mean()
         for c, w in weights.items():
-            out[f"ntk-lap{c}"][depth - 2] = (w * final_g).sum() / (p * q) ** 2
-            out[f"nngp-lap{c}"][depth - 2] = (w * k).sum() / (p * q) ** 2
+            ntk_lap, nngp_lap = lap_keys[c]
+            out[ntk_lap][depth - 2] = (w * final_g).sum() / (p * q) ** 2
+            out[nngp_lap][depth - 2] = (w * k).sum() / (p * q) ** 2
     return out
 
 
@@ -120,8 +123,7 @@ def cntk_reference(x, y=None, *, max_depth: int, archs=("vanilla", "gap"), lap=(
     y = x if y is None else y
     max_depth = check_depth(max_depth)
     lap = tuple(lap)
-    keys = [f"{kind}-{arch}" for arch in archs for kind in ("ntk", "nngp")]
-    keys += [f"{kind}-lap{c}" for c in lap for kind in ("ntk", "nngp")]
+    keys = output_keys(archs, lap)
     out = {k: np.zeros((max_depth - 1, len(x), len(y))) for k in keys}
     mirrored = {k: np.zeros((max_depth - 1, len(x), len(y))) for k in keys} if flip else {}
     for a in range(len(x)):
@@ -134,7 +136,7 @@ def cntk_reference(x, y=None, *, max_depth: int, archs=("vanilla", "gap"), lap=(
                 for k in keys:
                     mirrored[k][:, a, b] = pair[k]
     for k in mirrored:
-        out[f"{k}-flip"] = (out[k] + mirrored[k]) / 2
+        out[str(KernelKey.parse(k).flipped())] = flip_average(out[k], mirrored[k], np.float64)
     return out
 
 

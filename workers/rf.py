@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rf_net
-from .rf_net import RF_ARCHS
 from .validate import check_pair
+from .vocab import KINDS, RF_ARCHS, KernelKey
 
-RF_KINDS = ("ntk", "nngp")
 DEFAULT_MAX_BYTES = 2 ** 30
 MAX_CHUNK = 64  # images per backward pass: larger batches gain little and cost activation memory
 
@@ -40,9 +39,9 @@ def check_rf_args(*, archs, kinds, depths, width, draw, seed, max_bytes) -> tupl
     if bad or not archs:
         raise ValueError(f"unknown random-features architecture {bad or archs!r}; allowed: {', '.join(RF_ARCHS)}")
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    bad = [k for k in kinds if k not in RF_KINDS]
+    bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise ValueError(f"unknown random-features kind {bad or kinds!r}; allowed: {', '.join(RF_KINDS)}")
+        raise ValueError(f"unknown random-features kind {bad or kinds!r}; allowed: {', '.join(KINDS)}")
     depths = (depths,) if isinstance(depths, (int, np.integer)) else tuple(depths)
     if not depths:
         raise ValueError("random features: depths must list at least one depth >= 2 (conv layers + 1)")
@@ -184,7 +183,8 @@ def rf_tile_kernels(x, y=None, *, archs=("vanilla",), depths=(3,), kinds=("ntk",
 
     xs = to_device(x)
     ys = None if y is None else to_device(y)
-    out = {f"rf-{kind}-{arch}": np.zeros((len(depths), n, m), np.float32) for arch in archs for kind in kinds}
+    key = {(kind, arch): str(KernelKey(kind, arch, rf=True)) for arch in archs for kind in kinds}
+    out = {key[kind, arch]: np.zeros((len(depths), n, m), np.float32) for arch in archs for kind in kinds}
     # full float32 on GPUs: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa)
     flags = (torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False,
                                           fp32_precision="ieee")
@@ -197,6 +197,6 @@ def rf_tile_kernels(x, y=None, *, archs=("vanilla",), depths=(3,), kinds=("ntk",
                 params = {k: v.to(device) for k, v in
                           rf_net.draw_network(**shape, seed=seed, draw=draw).items()}
                 for kind, k in _net_tile(params, xs, ys, arch, kinds, plan).items():
-                    out[f"rf-{kind}-{arch}"][d] = k
+                    out[key[kind, arch]][d] = k
     return out
 

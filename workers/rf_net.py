@@ -19,7 +19,6 @@ import hashlib
 import numpy as np
 
 C_SIGMA, Q = 2.0, 3
-RF_ARCHS = ("vanilla", "gap")
 
 
 def import_torch():

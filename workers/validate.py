@@ -3,9 +3,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .enhanced import KINDS, check_flip, check_lap
-
-ARCHS = ("vanilla", "gap", "fc")
+from .enhanced import check_flip, check_lap
+from .vocab import ARCHS, KINDS
 
 
 def check_images(x, *, name: str = "x", allow_uint8: bool = False) -> np.ndarray:
