@@ -81,13 +81,13 @@ def test_cli_solve_end_to_end_on_a_store_with_ragged_tiles(tmp_path, rng):
     for row in summary["rows"]:
         k = grams[(row["kernel"], row["depth"])]
         alpha, pred = reference_fit(k, labels)
-        base = f"solve/{row['kernel']}/depth-{row['depth']}/paper"
+        base = f"solve/{row['kernel']}/depth-{row['depth']}/ridgeless"
         assert np.linalg.norm(group[f"{base}/alpha"][:] - alpha) <= 1e-8 * np.linalg.norm(alpha)
         assert np.array_equal(group[f"{base}/predictions"][:], pred)
-        assert row["paper"]["accuracy"] == np.mean(pred == labels[N_TRAIN:])
+        assert row["ridgeless"]["accuracy"] == np.mean(pred == labels[N_TRAIN:])
         alpha_v, pred_v = reference_fit(k, labels, lam=row["validated"]["lambda"])
         assert np.array_equal(group[f"solve/{row['kernel']}/depth-{row['depth']}/validated/predictions"][:], pred_v)
-        assert np.sum(row["paper"]["confusion"]) == N_TEST
+        assert np.sum(row["ridgeless"]["confusion"]) == N_TEST
     for d in (3, 6):   # gram/ untouched
         after = zarr.open_array(str(store), path=f"gram/ntk-vanilla/depth-{d}", mode="r")[:]
         assert np.array_equal(before[d], after, equal_nan=True)
@@ -109,8 +109,8 @@ def test_not_positive_definite_and_incomplete_kernels_are_reported(tmp_path, rng
     result = CliRunner().invoke(solve, [str(store), "--out", str(out), "--lambdas", "0,1e-4,1e-1"])
     assert result.exit_code == 0, result.output
     rows = {r["depth"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert "not positive definite" in rows[3]["paper"]["error"]
-    assert rows[3]["paper"]["smallest_working_lambda"] == 1e-4
+    assert "not positive definite" in rows[3]["ridgeless"]["error"]
+    assert rows[3]["ridgeless"]["smallest_working_lambda"] == 1e-4
     assert "smallest λ in the grid" in result.output and "incomplete" in result.output
     assert "not computed" in rows[6]["error"]
 
@@ -147,7 +147,7 @@ def test_missing_store_is_a_user_error(tmp_path):
 def test_best_kernel_is_chosen_by_validation_not_test_accuracy():
     def row(depth, val_acc, test_acc):
         fit = {"lambda": 0.0, "accuracy": test_acc, "confusion": [[1]]}
-        return {"kernel": "ntk-gap", "depth": depth, "paper": fit, "validated": fit,
+        return {"kernel": "ntk-gap", "depth": depth, "ridgeless": fit, "validated": fit,
                 "selection": {"val_accuracy": [{"lambda": 0.0, "accuracy": val_acc}]}}
     best, how = report.best_row([row(3, 0.9, 0.5), row(6, 0.6, 0.8)])
     assert (best["depth"], how) == (3, "validated")
@@ -196,7 +196,7 @@ def test_paper_columns_apply_only_under_the_same_protocol():
 
 def test_table_names_the_paper_column_and_prints_na_elsewhere():
     fit = {"lambda": 0.0, "accuracy": 0.5, "confusion": [[1]]}
-    rows = [{"kernel": key, "depth": 6, "paper": fit} for key in ("ntk-vanilla", "nngp-vanilla")]
+    rows = [{"kernel": key, "depth": 6, "ridgeless": fit} for key in ("ntk-vanilla", "nngp-vanilla")]
     columns = paper_tables.matching_columns(paper_tables.Protocol(n_train=2000, n_test=10000))
     text = report.format_table(rows, {"ntk-vanilla": columns["ntk-vanilla"]})
     assert "paper Table 1 CNTK-V-2K (%)" in text.splitlines()[0]
@@ -230,4 +230,4 @@ def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
     for row in summary["rows"]:
         k = open_gram(store, row["kernel"], row["depth"])[:, :40].compute()   # (60, 40): all the fit uses
         _, pred = reference_fit(k, labels)
-        assert row["paper"]["accuracy"] == np.mean(pred == labels[40:])
+        assert row["ridgeless"]["accuracy"] == np.mean(pred == labels[40:])
