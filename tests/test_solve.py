@@ -1,5 +1,7 @@
 """Blocked Cholesky, triangular solves (pipeline.linalg) and the validated ridge (pipeline.ridge) against
 numpy.linalg on small SPD problems."""
+import os
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -246,3 +248,122 @@ def test_cpu_panels_never_exceed_the_potrf_cap():
     assert bounds[0][0] == 0 and bounds[-1][1] == 20000
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert plan_panels(20000, chunk=500, memory_budget=12 * 2 ** 30) == [(0, 20000)]  # no cap: one panel
+
+
+# ---------------------------------------------------------------- the subset scheme, options, progress, scratch
+
+def test_subset_split_is_stratified_disjoint_seeded_and_capped(rng):
+    labels = rng.integers(0, 10, size=3000)
+    fit, val = ridge.subset_split(labels, fit_size=1000, val_size=500, seed=3)
+    assert np.intersect1d(fit, val).size == 0
+    assert abs(fit.size - 1000) <= 10 and abs(val.size - 500) <= 10       # rounding per class
+    for c in range(10):
+        share = np.mean(labels == c)
+        assert np.sum(labels[val] == c) == round(500 * share) and np.sum(labels[fit] == c) == round(1000 * share)
+    again = ridge.subset_split(labels, fit_size=1000, val_size=500, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip((fit, val), again))
+    assert not np.array_equal(val, ridge.subset_split(labels, fit_size=1000, val_size=500, seed=4)[1])
+    # fewer images than fit + held out: the held-out subset first, the fit subset gets the rest
+    small = np.repeat(np.arange(3), 10)
+    fit, val = ridge.subset_split(small, fit_size=100, val_size=9, seed=0)
+    assert val.size == 9 and fit.size == 21 and np.intersect1d(fit, val).size == 0
+
+
+def test_auto_scheme_is_subset_above_the_threshold_then_one_fit_on_all_rows(rng, monkeypatch):
+    k, gram, labels = _labelled_problem(rng, n_train=90, n_test=30)
+    n_train, grid = 90, (0.0, 1e-2, 1.0)
+    options = SolveOptions(lambdas=grid, subset_above=60, val_fit=40, val_size=20, seed=5, panel_width=16)
+    assert options.scheme_for(90) == "subset" and options.scheme_for(60) == "full"
+    factored = []
+    original = ridge.cholesky_blocked
+    monkeypatch.setattr(ridge, "cholesky_blocked", lambda a, **kw: factored.append(a.shape[0]) or original(a, **kw))
+    result = ridge.solve_kernel(gram, labels=labels, n_train=n_train, options=options)
+    sel = result.selection
+    assert (sel.scheme, sel.n_fit, sel.n_val, sel.val_fraction) == ("subset", 40, 20, None)
+    # every λ of the grid on the 40-image fit subset, scored on the 20 held out: as numpy does it
+    fit, val = ridge.subset_split(labels[:n_train], fit_size=40, val_size=20, seed=5)
+    kf = k[np.ix_(fit, fit)]
+    for lam in grid:
+        alpha = np.linalg.solve(kf + lam * np.mean(np.diag(kf)) * np.eye(fit.size), targets(labels[fit], n_classes=3))
+        assert sel.val_accuracy[lam] == np.mean((k[np.ix_(val, fit)] @ alpha).argmax(axis=1) == labels[val])
+    # then one factorisation of all 90 rows with the chosen λ (none when it is 0: the ridgeless fit is reused)
+    assert factored == [90] + [40] * len(grid) + ([90] if sel.lam else [])
+    ktr = k[:n_train, :n_train]
+    ref = np.linalg.solve(ktr + sel.lam * np.mean(np.diag(ktr)) * np.eye(n_train),
+                          targets(labels[:n_train], n_classes=3))
+    assert rel_err(result.validated.alpha, ref) <= 1e-8
+    assert options.record(90) == {"lambdas": list(grid), "validate": True, "scheme": "subset", "seed": 5,
+                                  "val_fit": 40, "val_size": 20}
+    assert options.record(60)["scheme"] == "full" and "val_fit" not in options.record(60)
+    # machine fields do not change the record: a result solved on another device or budget is the same result
+    import dataclasses
+    other_machine = dataclasses.replace(options, memory_budget=1, panel_width=None, device="auto")
+    assert other_machine.record(90) == options.record(90)
+
+
+def _not_pd(rng, n=40, chunk=8):
+    """Symmetric, eigenvalue -1e-4·mean: λ = 0 and 1e-6 do not factor, 1e-3 does."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.linspace(1.0, 2.0, n)
+    eig[-1] = -1e-4 * eig.mean()
+    k = (q * eig) @ q.T
+    return k, da.from_array(k, chunks=(chunk, chunk))
+
+
+def test_not_positive_definite_out_of_core_names_the_row_and_leaves_no_scratch(rng, tmp_path):
+    k, a = _not_pd(rng)
+    budget = 4 * 8 * 40 * 8       # 8-column panels in scratch files
+    plan = linalg.plan_factor(40, chunk=8, memory_budget=budget)
+    assert plan.on_disk and len(plan.bounds) == 5
+    with pytest.raises(linalg.NotPositiveDefinite) as info:
+        linalg.cholesky_blocked(a, memory_budget=budget, scratch_dir=tmp_path)
+    assert 0 <= info.value.row < 40
+    assert list(tmp_path.iterdir()) == []                   # the scratch files of the panels done are gone
+    options = SolveOptions(lambdas=(0.0, 1e-6, 1e-3, 1e-1), memory_budget=budget, scratch_dir=tmp_path,
+                           validate=False)
+    assert ridge.smallest_working_lambda(a, options=options) == 1e-3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_smallest_working_lambda_reuses_what_is_known(rng, monkeypatch):
+    k, a = _not_pd(rng)
+    tried = []
+    original = ridge.cholesky_blocked
+    monkeypatch.setattr(ridge, "cholesky_blocked", lambda m, **kw: tried.append(kw["lam"]) or original(m, **kw))
+    options = SolveOptions(lambdas=(0.0, 1e-6, 1e-3, 1e-2, 1e-1), panel_width=10)
+    assert ridge.smallest_working_lambda(a, options=options, fails_at=1e-6, works_at=1e-2) == 1e-3
+    assert tried == [1e-3]                                  # 1e-6 known to fail, stops before 1e-2
+    tried.clear()
+    assert ridge.smallest_working_lambda(a, options=options, works_at=1e-3) == 1e-3
+    assert tried == [1e-6]                                  # 1e-3 known to work: not factored again
+
+
+def test_each_panel_reports_progress_with_an_eta(rng, tmp_path):
+    k, a = spd_gram(rng, 64, chunk=8)
+    messages = []
+    factor = linalg.cholesky_blocked(a, panel_width=16, progress=messages.append, label="ntk-fc depth 3: ")
+    factor.close()
+    assert len(messages) == 4
+    assert messages[0].startswith("ntk-fc depth 3: Cholesky 16/64 columns, panel 1/4 (16% of the work)")
+    assert all("elapsed, ETA" in m for m in messages) and "(100% of the work)" in messages[-1]
+    assert linalg.work_done(0, 10) == 0 and linalg.work_done(10, 10) == 1 and linalg.work_done(5, 10) == 0.5
+    messages.clear()
+    linalg.cholesky_blocked(a, progress=messages.append).close()      # one panel: nothing to report
+    assert messages == []
+
+
+def test_scratch_of_a_dead_process_is_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live, foreign = (tmp_path / f"{linalg.SCRATCH_PREFIX}{name}" for name in ("stale", "live", "foreign"))
+    for path, owner in ((stale, f"{socket.gethostname()} {dead.stdout.strip()}"),
+                        (live, f"{socket.gethostname()} {os.getppid()}"), (foreign, "otherhost 1")):
+        path.mkdir()
+        (path / linalg.OWNER_FILE).write_text(owner)
+        (path / "panel-0.npy").write_bytes(b"x")
+    mine = linalg.make_scratch(tmp_path)
+    assert linalg.remove_stale_scratch(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, foreign, mine))
