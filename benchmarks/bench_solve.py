@@ -85,7 +85,9 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
     residual = (k_train.astype(np.float64) @ alpha).compute(scheduler="threads") - y
     return {"n_train": n_train, "n_test": info["n_test"], "tile": info["tile"], "device": device,
             "memory_budget_gib": memory_budget / 2**30, "panels": len(panels),
-            "panel_width": panels[0][1] - panels[0][0], "fit_seconds": round(fit_s, 3),
+            "panel_width": panels[0][1] - panels[0][0], "on_disk": plan.on_disk,
+            "factor_gib": round(plan.factor_bytes / 2**30, 3), "fit_seconds": round(fit_s, 3),
+            "fit_gflops": round(n_train ** 3 / 3 / fit_s / 1e9, 1),
             "wall_seconds": round(wall_s, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
             "peak_traced_gib": round(traced_peak / 2**30, 3),

@@ -77,7 +77,7 @@ def _ints(text: str | None) -> list[int] | None:
 
 def echo_json(obj) -> None:
     """The one JSON object of a --json command, on stdout."""
-    click.echo(json.dumps(obj, indent=2, allow_nan=False))
+    click.echo(json.dumps(obj, allow_nan=False))
 
 
 def json_option(fields: str):
@@ -304,15 +304,15 @@ def solve_options(fn):
         click.option("--validation", type=click.Choice(["auto", "full", "subset"]), default="auto",
                      show_default=True,
                      help=f"How λ is chosen on held-out training images. full: hold out --val-fraction of each "
-                          f"class, fit every λ on the rest; subset: fit every λ on at most --val-fit training "
-                          f"images, score on --val-size others, then one fit on all with the chosen λ; "
+                          f"class, fit every λ on the rest; subset: hold out --val-size training images, fit every "
+                          f"λ on at most --val-fit others; then one fit on all training images with the chosen λ; "
                           f"auto: subset above {SUBSET_ABOVE:,} training images, else full."),
         click.option("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, show_default=True,
                      help="full: share of each training class held out to choose λ."),
         click.option("--val-fit", type=int, default=DEFAULT_VAL_FIT, show_default=True,
-                     help="subset: at most this many training images fitted per λ."),
+                     help="subset: at most this many training images (not held out) fitted per λ."),
         click.option("--val-size", type=int, default=DEFAULT_VAL_SIZE, show_default=True,
-                     help="subset: at most this many other training images scored per λ."),
+                     help="subset: this many training images held out, scored per λ."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split."),
         click.option("--no-validation", is_flag=True, help="Only the ridgeless λ=0, no λ selection."),
         click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,

@@ -14,8 +14,8 @@ What it does, exactly. Targets Y are 0.9 for the true class and -0.1 elsewhere; 
   picks 'subset' when n_train > options.subset_above, default 12,000, else 'full'):
   - 'full': each class is split (seeded, stratified) into fit images and options.val_fraction held out; every λ
     is fitted on all fit images (|grid| factorisations of ~0.9·n rows).
-  - 'subset': a seeded, stratified held-out subset of at most options.val_size training images (default 5,000)
-    and a disjoint stratified fit subset of at most options.val_fit images (default 10,000); every λ is fitted on
+  - 'subset': a seeded, stratified held-out subset of options.val_size training images (default 5,000) and a
+    disjoint stratified fit subset of at most options.val_fit of the others (default 10,000); every λ is fitted on
     the fit subset only (|grid| factorisations of 10,000 rows: ~35 s on 2 cores instead of hours at 45,000).
     λ is relative to the mean diagonal of the block being factored, so the choice transfers to the full fit.
   Ties go to the smallest λ.
@@ -225,27 +225,37 @@ def validation_split(train_labels: np.ndarray, *, fraction: float = DEFAULT_VAL_
     return fit_idx, val_idx
 
 
+def _apportion(total: int, sizes: np.ndarray) -> np.ndarray:
+    """Per-class counts proportional to sizes, each at most its size, summing to min(total, sum(sizes))
+    (largest remainders get the rounding)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = min(int(total), int(sizes.sum()))
+    if total <= 0:
+        return np.zeros_like(sizes)
+    exact = total * sizes / sizes.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact, kind="stable")[:total - counts.sum()]] += 1
+    return np.minimum(counts, sizes)
+
+
 def subset_split(train_labels: np.ndarray, *, fit_size: int = DEFAULT_VAL_FIT, val_size: int = DEFAULT_VAL_SIZE,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Scheme 'subset': seeded, stratified, disjoint (fit, val) subsets of the *training* set (sorted int64).
 
-    Each class c with share s_c of the training images holds out round(val_size · s_c) images (at least one and
-    at most all but one when it has two or more), then fits on round(fit_size · s_c) of the others (at most all of
-    them). So |val| ~ min(val_size, n / 2 ...) and |fit| ~ min(fit_size, n - |val|), both in class proportions.
+    val_size images are held out, in class proportions (every class with two or more images keeps at least one
+    held out and one not); then min(fit_size, the rest) images of the rest are fitted, in proportion to what each
+    class has left. Each class's images are drawn in one seeded random order, held out first.
     """
     labels = np.asarray(train_labels)
     rng = np.random.default_rng(seed)
-    fit, val = [], []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        share = members.size / labels.size
-        n_val = int(round(val_size * share))
-        if members.size >= 2:
-            n_val = min(max(n_val, 1), members.size - 1)
-        rest = members[n_val:]
-        n_fit = min(max(int(round(fit_size * share)), 1), rest.size)
-        val.append(members[:n_val])
-        fit.append(rest[:n_fit])
+    classes = np.unique(labels)
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    counts = np.array([m.size for m in members])
+    n_val = _apportion(val_size, counts)
+    n_val = np.where(counts >= 2, np.clip(n_val, 1, counts - 1), n_val)
+    n_fit = _apportion(fit_size, counts - n_val)
+    val = [m[:v] for m, v in zip(members, n_val)]
+    fit = [m[v:v + f] for m, v, f in zip(members, n_val, n_fit)]
     return (np.sort(np.concatenate(fit)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64))
 
 
