@@ -38,6 +38,7 @@ DEFAULT_VAL_FIT = 10_000        # subset scheme: at most this many training imag
 DEFAULT_VAL_SIZE = 5_000        # subset scheme: at most this many training images held out to score each λ
 SUBSET_ABOVE = 12_000           # scheme 'auto': 'subset' above this many training images, else 'full'
 SCHEMES = ("auto", "full", "subset")
+IN_MEMORY_CHUNK = 1000          # chunk edge of a block read into memory (the panel plan keeps whole chunks)
 
 
 @dataclass(frozen=True)
@@ -287,9 +288,11 @@ def select_lambda(k_train: da.Array, train_labels: np.ndarray, *, n_classes: int
     k_fit, k_fit_val = k_train[fit][:, fit], k_train[fit][:, val]
     quarter = options.memory_budget // 4
     if k_fit.size * 8 <= quarter:  # read once, reuse per λ
-        k_fit = da.from_array(read_block(k_fit, slice(None), slice(None)), chunks=k_fit.chunks)
+        if progress:
+            progress(f"{label}validation ({scheme}): reading the {fit.size:,} x {fit.size:,} fit block")
+        k_fit = da.from_array(read_block(k_fit, slice(None), slice(None)), chunks=IN_MEMORY_CHUNK)
         if (k_fit.size + k_fit_val.size) * 8 <= quarter:
-            k_fit_val = da.from_array(read_block(k_fit_val, slice(None), slice(None)), chunks=k_fit_val.chunks)
+            k_fit_val = da.from_array(read_block(k_fit_val, slice(None), slice(None)), chunks=IN_MEMORY_CHUNK)
     y_fit = targets(train_labels[fit], n_classes=n_classes)
     scores: dict[float, float | None] = {}
     last_error = None
@@ -340,6 +343,8 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: S
             result = Fit(lam=lam, error=str(err))
             failures[id(result)] = err
             return result
+        if progress:
+            progress(f"{label}λ = {lam:g}: predicting {k_cross.shape[1]:,} test images")
         scores = predict_scores(k_cross, alpha)
         predictions = scores.argmax(axis=1)
         return Fit(lam=lam, accuracy=float(np.mean(predictions == test_labels)), alpha=alpha, scores=scores,

@@ -358,3 +358,21 @@ def test_old_results_json_files_are_read_with_the_new_key(tmp_path):
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-5000"
     if (committed / "results.json").exists():      # a report committed before the rename
         assert all("ridgeless" in r for r in read_results(committed)["rows"] if "error" not in r)
+
+
+def test_a_row_cut_short_by_a_kill_is_solved_again(tmp_path, rng, monkeypatch):
+    from cntk_gram.pipeline import solve as solve_module
+    from cntk_gram.pipeline.ridge import SolveOptions
+
+    store, _, _ = make_store(tmp_path, rng)
+    options = SolveOptions(lambdas=(0.0, 1e-3), validate=False)
+    first = solve_module.solve_store(store, options)
+    meta = store / "solve" / "ntk-vanilla" / "depth-3" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])                  # the attributes' write was cut off
+    solved = []
+    original = solve_module.solve_kernel
+    monkeypatch.setattr(solve_module, "solve_kernel",
+                        lambda gram, **kw: solved.append(kw["label"]) or original(gram, **kw))
+    again = solve_module.solve_store(store, options)
+    assert solved == ["ntk-vanilla depth 3: "] and [r.reused for r in again] == [False, True]
+    assert [r.ridgeless for r in again] == [r.ridgeless for r in first]
