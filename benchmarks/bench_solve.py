@@ -6,7 +6,7 @@
 For each n a synthetic SPD kernel (exponential kernel exp(-|x - y| / scale) on random points, full rank
 like a CNTK Gram) is written into a real store (same layout as `cntk run`: float32 tiles, upper
 triangle only, n_train train rows + n_test test rows), then a fresh process times
-cntk_gram.pipeline.solve.fit_alpha + predict_scores on it and reports: wall seconds, peak RSS
+cntk_gram.pipeline.ridge.fit_alpha + predict_scores on it and reports: wall seconds, peak RSS
 (resource.getrusage ru_maxrss: includes touched pages of memory-mapped factor panels), peak traced
 allocations (tracemalloc: numpy buffers), the relative residual |K alpha - Y| / |Y|, and the panel plan.
 """
@@ -60,7 +60,8 @@ def write_synthetic_store(store: Path, *, n_train: int, n_test: int, tile: int, 
 
 def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> dict:
     """Runs in a fresh process: time and memory of one lambda = 0 fit and prediction."""
-    from cntk_gram.pipeline.solve import CPU_MAX_PANEL, fit_alpha, plan_panels, predict_scores
+    from cntk_gram.pipeline.linalg import plan_factor
+    from cntk_gram.pipeline.ridge import SolveOptions, fit_alpha, predict_scores
     from cntk_gram.pipeline.store import open_gram, read_inputs
     from cntk_gram.workers.preprocess import targets
 
@@ -69,11 +70,12 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
     gram = open_gram(store, "ntk-vanilla", 3)
     k_train, k_cross = gram[:n_train, :n_train], gram[:n_train, n_train:]
     y = targets(info["labels"][:n_train])
-    panels = plan_panels(n_train, chunk=info["tile"], memory_budget=memory_budget,
-                         max_width=CPU_MAX_PANEL if device == "cpu" else None)  # as cholesky_blocked
+    plan = plan_factor(n_train, chunk=info["tile"], memory_budget=memory_budget)  # as cholesky_blocked on the CPU
+    panels = plan.bounds
     tracemalloc.start()
     start = time.perf_counter()
-    alpha = fit_alpha(k_train, y, lam=0.0, device=device, memory_budget=memory_budget, scratch_dir=scratch)
+    options = SolveOptions(device=device, memory_budget=memory_budget, scratch_dir=scratch)
+    alpha = fit_alpha(k_train, y, lam=0.0, options=options)
     fit_s = time.perf_counter() - start
     predict_scores(k_cross, alpha)
     wall_s = time.perf_counter() - start
@@ -82,7 +84,9 @@ def measure(store: Path, *, memory_budget: int, device: str, scratch: Path) -> d
     residual = (k_train.astype(np.float64) @ alpha).compute(scheduler="threads") - y
     return {"n_train": n_train, "n_test": info["n_test"], "tile": info["tile"], "device": device,
             "memory_budget_gib": memory_budget / 2**30, "panels": len(panels),
-            "panel_width": panels[0][1] - panels[0][0], "fit_seconds": round(fit_s, 3),
+            "panel_width": panels[0][1] - panels[0][0], "on_disk": plan.on_disk,
+            "factor_gib": round(plan.factor_bytes / 2**30, 3), "fit_seconds": round(fit_s, 3),
+            "fit_gflops": round(n_train ** 3 / 3 / fit_s / 1e9, 1),
             "wall_seconds": round(wall_s, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3),
             "peak_traced_gib": round(traced_peak / 2**30, 3),

@@ -6,10 +6,11 @@ the standard and the ZCA store (`cntk paper configs/enhanced/cifar10-80-{standar
 Prints a Markdown table: one line per (images, kernel, depth) with the test accuracy at lambda = 0 and at the
 validated lambda, each with its binomial standard error sqrt(p (1 - p) / n_test).
 """
-import json
 import math
 import sys
 from pathlib import Path
+
+from cntk_gram.pipeline.results import read_results
 
 
 def cell(setting: dict, n_test: int) -> str:
@@ -20,12 +21,12 @@ def cell(setting: dict, n_test: int) -> str:
 
 
 def lines(result_dir: Path, images: str) -> list[str]:
-    rows = json.loads((result_dir / "results.json").read_text())["rows"]
+    rows = read_results(result_dir)["rows"]   # reports written before the rename keep 'paper' for λ = 0
     out = []
     for row in sorted(rows, key=lambda r: (r["depth"], r["kernel"])):
         v = row.get("validated", {})
         lam = f"{v['lambda']:g}" if "lambda" in v else ""
-        out.append(f"| {images} | {row['kernel']} | {row['depth']} | {cell(row.get('paper', {}), row['n_test'])} "
+        out.append(f"| {images} | {row['kernel']} | {row['depth']} | {cell(row.get('ridgeless', {}), row['n_test'])} "
                    f"| {lam} | {cell(v, row['n_test'])} |")
     return out
 

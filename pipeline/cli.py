@@ -1,11 +1,15 @@
 """`cntk` command line: every command, as thin click wrappers over the library modules.
 
-Library code raises UserError, or OSError for files; _Command turns either into one `Error: ...` line and
-exit status 2, for every command. `verify` exits 1 when it finds damage.
+Library code raises UserError, or OSError for files; _Command turns either into one `Error: ...` line (on stderr)
+and exit status 2, for every command. `verify` exits 1 when it finds damage.
+
+`run`, `status`, `solve` and `paper` take --json: then stdout holds exactly one JSON object (fields in each
+command's help) and nothing else; progress bars and messages always go to stderr.
 """
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -13,7 +17,8 @@ import click
 
 from cntk_gram.pipeline.config import parse_bytes
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.pipeline.solve import DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FRACTION
+from cntk_gram.pipeline.ridge import (DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FIT, DEFAULT_VAL_FRACTION,
+                                      DEFAULT_VAL_SIZE, SUBSET_ABOVE, SolveOptions)
 from cntk_gram.workers.vocab import BACKEND_CHOICES
 
 
@@ -71,6 +76,18 @@ def _ints(text: str | None) -> list[int] | None:
         raise UserError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def echo_json(obj) -> None:
+    """The one JSON object of a --json command, on stdout."""
+    click.echo(json.dumps(obj, allow_nan=False))
+
+
+def json_option(fields: str):
+    """--json: print one JSON object with `fields` on stdout instead of the text."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help=f"Print one JSON object on stdout instead of the text: {fields}. "
+                             f"Progress and messages go to stderr.")
+
+
 def _names(text: str | None) -> list[str] | None:
     return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
 
@@ -114,10 +131,14 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--trust-records", is_flag=True,
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
+@json_option("store, backend, kernels, depths, n_train, n_test, tile, tiles_total, tiles_done_before, "
+             "tiles_damaged, tiles_computed, pairs_computed, wall_seconds")
 def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
         backend, scheduler, scheduler_file, workers, threads, slots, max_in_flight, retries, progress,
-        trust_records):
+        trust_records, as_json):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
+    import dataclasses
+
     from cntk_gram.pipeline.config import load_config
     from cntk_gram.pipeline.run import run as run_config
 
@@ -131,13 +152,16 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
         "cluster.slots": slots, "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,
     }
     s = run_config(load_config(config_file, overrides), progress=progress, verify=not trust_records)
-    click.echo(f"store     {s['store']}\n"
-               f"kernels   {', '.join(s['kernels'])} at depths {', '.join(map(str, s['depths']))} "
-               f"(backend {s['backend']})\n"
-               f"images    {s['n_train']} train + {s['n_test']} test, tile {s['tile']}\n"
-               f"tiles     {s['tiles_computed']} computed ({s['tiles_damaged']} damaged recomputed), "
-               f"{s['tiles_done_before']} already done, {s['tiles_total']} total\n"
-               f"pairs     {s['pairs_computed']:,} computed in {s['wall_seconds']:.1f} s wall")
+    if as_json:
+        echo_json(dataclasses.asdict(s))
+        return
+    click.echo(f"store     {s.store}\n"
+               f"kernels   {', '.join(s.kernels)} at depths {', '.join(map(str, s.depths))} "
+               f"(backend {s.backend})\n"
+               f"images    {s.n_train} train + {s.n_test} test, tile {s.tile}\n"
+               f"tiles     {s.tiles_computed} computed ({s.tiles_damaged} damaged recomputed), "
+               f"{s.tiles_done_before} already done, {s.tiles_total} total\n"
+               f"pairs     {s.pairs_computed:,} computed in {s.wall_seconds:.1f} s wall")
 
 
 @main.command("submit")
@@ -175,11 +199,18 @@ def cancel(store_path, scheduler, scheduler_file):
 
 @main.command()
 @click.argument("store", type=click.Path())
-def status(store):
+@json_option("store, tiles_done, tiles_total, pairs_done, pairs_total, per_array {array: {done, total}}, "
+             "pairs_per_second (recent tiles; null if unknown), eta_seconds (null if unknown), "
+             "last_finished (epoch seconds; null if none)")
+def status(store, as_json):
     """Done / total tiles per kernel array, throughput and ETA."""
     from cntk_gram.pipeline.inspect import format_seconds, status as store_status
 
     s = store_status(store)
+    if as_json:
+        per_array = {name: {"done": done, "total": total} for name, (done, total) in s["per_array"].items()}
+        echo_json({"store": str(store), **s, "per_array": per_array})
+        return
     click.echo(f"tiles {s['tiles_done']}/{s['tiles_total']}, pairs {s['pairs_done']:,}/{s['pairs_total']:,}")
     for name, (done, total) in s["per_array"].items():
         click.echo(f"  {name:28s} {done}/{total}")
@@ -258,6 +289,10 @@ def export(store, kernel, depth, draw, out):
 
 # --- kernel regression and reports ----------------------------------------------------------------
 
+SOLVE_JSON = ("store, rows (one per kernel, depth and draw: the rows of results.json, docs/solve.md), "
+              "paths {json, markdown, accuracy_plot, confusion_plot}, paper_columns {kernel: paper column}")
+
+
 def solve_options(fn):
     """Options shared by `solve` and `paper`."""
     options = [
@@ -266,46 +301,67 @@ def solve_options(fn):
         click.option("--kernel", "kernels", multiple=True, help="Only this kernel key (repeatable), e.g. ntk-vanilla."),
         click.option("--depth", "depths", multiple=True, type=int, help="Only this depth (repeatable)."),
         click.option("--lambdas", default=",".join(f"{x:g}" for x in DEFAULT_LAMBDAS), show_default=True,
-                     help="Ridge grid λ (ridge = λ·mean(diag K)); λ=0 is always reported."),
+                     help="Ridge grid λ (ridge = λ·mean(diag K)); λ=0 (ridgeless) is always reported."),
+        click.option("--validation", type=click.Choice(["auto", "full", "subset"]), default="auto",
+                     show_default=True,
+                     help=f"How λ is chosen on held-out training images. full: hold out --val-fraction of each "
+                          f"class, fit every λ on the rest; subset: hold out --val-size training images, fit every "
+                          f"λ on at most --val-fit others; then one fit on all training images with the chosen λ; "
+                          f"auto: subset above {SUBSET_ABOVE:,} training images, else full."),
         click.option("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, show_default=True,
-                     help="Share of each training class held out to choose λ."),
+                     help="full: share of each training class held out to choose λ."),
+        click.option("--val-fit", type=int, default=DEFAULT_VAL_FIT, show_default=True,
+                     help="subset: at most this many training images (not held out) fitted per λ."),
+        click.option("--val-size", type=int, default=DEFAULT_VAL_SIZE, show_default=True,
+                     help="subset: this many training images held out, scored per λ."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split."),
-        click.option("--no-validation", is_flag=True, help="Only the paper's λ=0, no λ selection."),
+        click.option("--no-validation", is_flag=True, help="Only the ridgeless λ=0, no λ selection."),
         click.option("--device", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                      help="Where to factor: CuPy GPU when available for auto."),
         click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 2**30}GiB", show_default=True,
                      help="Host memory the CPU factorisation may use; larger problems go out of core."),
         click.option("--scratch", type=click.Path(file_okay=False), default=None,
-                     help="Directory for out-of-core factor panels [default: beside the store]."),
+                     help="Directory for out-of-core factor panels [default: beside the store]; removed after."),
+        click.option("--force", is_flag=True,
+                     help="Solve again the kernels whose results are saved in the store with the same options "
+                          "(default: reuse them)."),
         click.option("--reference", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
                      help="auto: print the paper's value where its protocol matches the store's "
                           "(training-set size, test set, classes); none: no paper column."),
+        json_option(SOLVE_JSON),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), fn)
 
 
-def _solve_arguments(*, out, kernels, depths, lambdas, val_fraction, seed, no_validation, device, memory_budget,
-                     scratch, reference) -> dict:
-    """solve_options' values -> keyword arguments of experiment.solve_and_report."""
+def _solve_arguments(*, out, kernels, depths, lambdas, validation, val_fraction, val_fit, val_size, seed,
+                     no_validation, device, memory_budget, scratch, force, reference, as_json) -> dict:
+    """solve_options' values -> the SolveOptions and keyword arguments of experiment.solve_and_report."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction: must lie strictly between 0 and 1, got {val_fraction}")
-    return {"out": out, "kernels": kernels, "depths": depths, "lambdas": parse_lambdas(lambdas),
-            "val_fraction": val_fraction, "seed": seed, "validate": not no_validation, "device": device,
-            "memory_budget": parse_bytes("--memory-budget", memory_budget), "scratch_dir": scratch,
-            "reference": reference == "auto",
-            "progress": lambda message: click.echo(message, err=True)}
+    for name, value in (("--val-fit", val_fit), ("--val-size", val_size)):
+        if value < 1:
+            raise UserError(f"{name}: must be >= 1, got {value}")
+    options = SolveOptions(lambdas=parse_lambdas(lambdas), validate=not no_validation, scheme=validation,
+                           val_fraction=val_fraction, val_fit=val_fit, val_size=val_size, seed=seed, device=device,
+                           memory_budget=parse_bytes("--memory-budget", memory_budget),
+                           scratch_dir=Path(scratch) if scratch else None)
+    return {"options": options, "kernels": kernels, "depths": depths, "force": force, "out": out,
+            "reference": reference == "auto", "progress": lambda message: click.echo(message, err=True)}
 
 
-def _show(solved) -> None:
-    """The accuracy table, notes on kernels that could not be solved (stderr), the report files."""
+def _show(solved, *, as_json: bool) -> None:
+    """The accuracy table, notes on kernels that could not be solved (stderr), the report files; or the JSON."""
     from cntk_gram.pipeline.report import format_table
 
-    click.echo(format_table(solved.rows, solved.columns))
     for row in solved.rows:
-        for where in (row, row.get("paper", {}), row.get("validated", {})):
-            if "error" in where:
-                draw = "" if row.get("draw") is None else f" draw {row['draw']}"
-                click.echo(f"note: {row['kernel']} depth {row['depth']}{draw}: {where['error']}", err=True)
+        for where in (row, row.ridgeless, row.validated):
+            if where is not None and where.error is not None:
+                draw = "" if row.draw is None else f" draw {row.draw}"
+                click.echo(f"note: {row.kernel} depth {row.depth}{draw}: {where.error}", err=True)
+    if as_json:
+        echo_json(solved.to_json())
+        return
+    click.echo(format_table(solved.rows, solved.columns))
     for name, path in solved.paths.items():
         click.echo(f"{name}: {path}")
 
@@ -314,10 +370,14 @@ def _show(solved) -> None:
 @click.argument("store", type=click.Path())
 @solve_options
 def solve(store, **options):
-    """Kernel regression for every kernel and depth in STORE: accuracies, predictions, report."""
+    """Kernel regression for every kernel and depth in STORE: accuracies, predictions, report.
+
+    Results are saved in STORE kernel by kernel: a rerun (after an interruption, say) reuses every kernel
+    already solved with the same options and solves the rest (--force: solve all again)."""
     from cntk_gram.pipeline.experiment import solve_and_report
 
-    _show(solve_and_report(store, **_solve_arguments(**options)))
+    arguments = _solve_arguments(**options)
+    _show(solve_and_report(store, arguments.pop("options"), **arguments), as_json=options["as_json"])
 
 
 @main.command()
@@ -328,11 +388,13 @@ def paper(config, scheduler, scheduler_file, **options):
     """Reproduce a paper table from CONFIG such as configs/paper/table1.yaml: kernel, solve, report.
 
     Runs `cntk run CONFIG`, then `cntk solve` on its store, and prints our accuracies next to the
-    paper's wherever the paper measured under the same protocol."""
+    paper's wherever the paper measured under the same protocol. --json adds run (the `cntk run --json`
+    fields) to the solve's JSON."""
     from cntk_gram.pipeline.experiment import reproduce
 
     arguments = _solve_arguments(**options)
-    _show(reproduce(config, scheduler=scheduler, scheduler_file=scheduler_file, **arguments))
+    _show(reproduce(config, arguments.pop("options"), scheduler=scheduler, scheduler_file=scheduler_file,
+                    **arguments), as_json=options["as_json"])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Reports of a solved store: table (text, Markdown, JSON), accuracy vs depth, confusion matrix, paper numbers.
 
-A row (from cntk_gram.pipeline.solve.solve_store) is a JSON-able dict: kernel, depth, n_train, n_test and, per
-setting ('paper' = lambda 0, 'validated' = lambda chosen on held-out training images), lambda, accuracy
-in [0, 1] (or error) and confusion (rows = true class); or a top-level 'error' for an incomplete kernel.
+A row is a results.SolveRow (what cntk_gram.pipeline.solve.solve_store returns) or its JSON dict (SolveRow.to_dict;
+old dicts with a 'paper' setting are mapped): kernel, depth, n_train, n_test and, per setting ('ridgeless' =
+lambda 0, 'validated' = lambda chosen on held-out training images), lambda, accuracy in [0, 1] (or error) and
+confusion (rows = true class); or a top-level 'error' for a kernel that could not be solved. Every public
+function here takes either form.
 Random-features kernels ('rf-...') have one row per draw (with 'draw'); the tables show one line per rf kernel
 and depth instead: the median [min, max] accuracy over its draws (rf_summaries), placed after the exact
 kernel's line of the same depth. The median is what compares with the paper's "RF" columns.
@@ -17,6 +19,7 @@ from matplotlib.figure import Figure
 
 from cntk_gram.pipeline.paper import SOURCE, PaperColumn, Protocol, matching_columns
 from cntk_gram.workers.vocab import KernelKey
+from cntk_gram.pipeline.results import row_dicts
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 HEADER = ("kernel", "depth", "acc λ=0 (%)", "λ*", "val acc (%)", "acc λ* (%)", "paper (%)")
@@ -31,7 +34,7 @@ def paper_value(columns: Columns | None, kernel: str, depth: int) -> float | Non
 
 def header(rows: list[dict], columns: Columns | None) -> tuple[str, ...]:
     """HEADER, with the paper column named after the paper's column when exactly one applies to the rows."""
-    kernels = {row["kernel"] for row in rows}
+    kernels = {row["kernel"] for row in row_dicts(rows)}
     labels = sorted({column.label for kernel, column in (columns or {}).items() if kernel in kernels})
     return HEADER if len(labels) != 1 else (*HEADER[:-1], f"paper {labels[0]} (%)")
 
@@ -53,20 +56,20 @@ def _best_val(row: dict) -> float | None:
 
 def rf_summaries(rows: list[dict]) -> list[dict]:
     """One dict per random-features (kernel, depth), over the rows of its draws:
-    {kernel, depth, draws (with a λ = 0 accuracy), draws_failed (incomplete or not PD at λ = 0), paper / validated: {median, min, max} of the test accuracy
+    {kernel, depth, draws (with a λ = 0 accuracy), draws_failed (incomplete or not PD at λ = 0), ridgeless / validated: {median, min, max} of the test accuracy
     (None when no draw has one), val_accuracy: {median, min, max} of the best validation accuracy, lambdas: the
     validated lambdas chosen, sorted}. Sorted by kernel and depth."""
     groups: dict[tuple[str, int], list[dict]] = {}
-    for row in rows:
+    for row in row_dicts(rows):
         if row.get("draw") is not None:
             groups.setdefault((row["kernel"], row["depth"]), []).append(row)
     out = []
     for (kernel, depth), members in sorted(groups.items()):
         def accs(setting):
             return [r[setting]["accuracy"] for r in members if r.get(setting, {}).get("accuracy") is not None]
-        solved = len(accs("paper"))
+        solved = len(accs("ridgeless"))
         out.append({"kernel": kernel, "depth": depth, "draws": solved, "draws_failed": len(members) - solved,
-                    "paper": _spread(accs("paper")), "validated": _spread(accs("validated")),
+                    "ridgeless": _spread(accs("ridgeless")), "validated": _spread(accs("validated")),
                     "val_accuracy": _spread([v for v in map(_best_val, members) if v is not None]),
                     "lambdas": sorted({r["validated"]["lambda"] for r in members if "lambda" in r.get("validated", {})})})
     return out
@@ -85,7 +88,7 @@ def _rf_cells(summary: dict, columns: Columns | None) -> tuple[str, ...]:
     lambdas = summary["lambdas"]
     lam = "" if not lambdas else (f"{lambdas[0]:g}" if len(lambdas) == 1 else f"{lambdas[0]:g}..{lambdas[-1]:g}")
     return (f"{summary['kernel']} (median of {summary['draws']} draws{failed})", str(summary["depth"]),
-            _spread_cell(summary["paper"]), lam,
+            _spread_cell(summary["ridgeless"]), lam,
             "" if summary["val_accuracy"] is None else _pct(summary["val_accuracy"]["median"]),
             "" if summary["validated"] is None else _spread_cell(summary["validated"]),
             "n/a" if value is None else f"{value:.2f}")
@@ -96,6 +99,7 @@ def table_cells(rows: list[dict], columns: Columns | None = None) -> list[tuple[
     median [min, max] over its draws), placed after the exact kernel's row of the same depth ('rf-ntk-gap' after
     'ntk-gap'; at the end without one). The paper cell is n/a where no column applies."""
     cells = []
+    rows = row_dicts(rows)
     rf = {(s["kernel"], s["depth"]): s for s in rf_summaries(rows)}
     placed = set()
     for row in rows:
@@ -124,7 +128,7 @@ def _exact_cells(row: dict, columns: Columns | None) -> tuple[str, ...]:
     paper = "n/a" if value is None else f"{value:.2f}"
     if "error" in row:
         return (row["kernel"], str(row["depth"]), "incomplete", "", "", "", paper)
-    p, v = row.get("paper", {}), row.get("validated", {})
+    p, v = row.get("ridgeless", {}), row.get("validated", {})
     if "error" in p:
         working = p.get("smallest_working_lambda")
         acc0 = "not PD" + (f" (min λ {working:g})" if working is not None else "")
@@ -138,12 +142,14 @@ def _exact_cells(row: dict, columns: Columns | None) -> tuple[str, ...]:
 
 def format_table(rows: list[dict], columns: Columns | None = None) -> str:
     """Fixed-width text table for the terminal."""
+    rows = row_dicts(rows)
     lines = [header(rows, columns), *table_cells(rows, columns)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def markdown_table(rows: list[dict], columns: Columns | None = None) -> str:
+    rows = row_dicts(rows)
     lines = [header(rows, columns), tuple("---" for _ in HEADER), *table_cells(rows, columns)]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
@@ -155,32 +161,34 @@ def best_row(rows: list[dict]) -> tuple[dict | None, str]:
         accs = [e["accuracy"] for e in row.get("selection", {}).get("val_accuracy", []) if e["accuracy"] is not None]
         return max(accs) if accs and "confusion" in row.get("validated", {}) else None
 
+    rows = row_dicts(rows)
     rows = [r for r in rows if r.get("draw") is None] or rows  # an exact kernel unless the store has none
     scored = [(val(r), r) for r in rows if val(r) is not None]
     if scored:
         return max(scored, key=lambda s: s[0])[1], "validated"
-    scored = [(r["paper"]["accuracy"], r) for r in rows if "confusion" in r.get("paper", {})]
+    scored = [(r["ridgeless"]["accuracy"], r) for r in rows if "confusion" in r.get("ridgeless", {})]
     if scored:
-        return max(scored, key=lambda s: s[0])[1], "paper"
+        return max(scored, key=lambda s: s[0])[1], "ridgeless"
     return None, ""
 
 
 def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, columns: Columns | None = None) -> Path:
+    rows = row_dicts(rows)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     rf = rf_summaries(rows)
     for i, key in enumerate(sorted({r["kernel"] for r in rows})):
         color = f"C{i}"
-        spreads = sorted((s for s in rf if s["kernel"] == key and s["paper"] is not None), key=lambda s: s["depth"])
+        spreads = sorted((s for s in rf if s["kernel"] == key and s["ridgeless"] is not None), key=lambda s: s["depth"])
         if spreads:  # random features: median over draws, bars from min to max
-            med = np.array([100 * s["paper"]["median"] for s in spreads])
-            low = med - [100 * s["paper"]["min"] for s in spreads]
-            high = [100 * s["paper"]["max"] for s in spreads] - med
+            med = np.array([100 * s["ridgeless"]["median"] for s in spreads])
+            low = med - [100 * s["ridgeless"]["min"] for s in spreads]
+            high = [100 * s["ridgeless"]["max"] for s in spreads] - med
             ax.errorbar([s["depth"] for s in spreads], med, yerr=[low, high], fmt=":^", color=color, capsize=3,
                         label=f"{key} λ=0 (median, min-max over draws)")
         mine = sorted((r for r in rows if r["kernel"] == key and "error" not in r and r.get("draw") is None),
                       key=lambda r: r["depth"])
-        for setting, style, label in (("paper", "-o", "λ=0"), ("validated", "--s", "λ validated")):
+        for setting, style, label in (("ridgeless", "-o", "λ=0"), ("validated", "--s", "λ validated")):
             pts = [(r["depth"], 100 * r[setting]["accuracy"]) for r in mine
                    if r.get(setting, {}).get("accuracy") is not None]
             if pts:
@@ -226,7 +234,7 @@ def plot_confusion(counts: np.ndarray, path: Path, *, title: str) -> Path:
 
 def columns_for(rows: list[dict], protocol: Protocol | None) -> Columns:
     """The paper columns measured under `protocol`, for the kernels among the rows."""
-    kernels = {row["kernel"] for row in rows}
+    kernels = {row["kernel"] for row in row_dicts(rows)}
     return {kernel: column for kernel, column in matching_columns(protocol).items() if kernel in kernels}
 
 
@@ -254,6 +262,7 @@ def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | 
 
     protocol: how the store's images were chosen; the paper's values are printed only for the columns
     measured under exactly this protocol (None: no paper column)."""
+    rows = row_dicts(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = columns_for(rows, protocol)
@@ -270,7 +279,7 @@ def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | 
         lines += ["rf-... rows: random features (the empirical kernel of one random finite-width network per draw): "
                   "median [min, max] of the test accuracy over the draws; the median is what the paper reports. "
                   "Per-draw rows are in results.json.", ""]
-    lines += ["λ=0 is the paper's setting; λ* = λ·mean(diag K) ridge chosen on a validation split of the "
+    lines += ["λ=0: ridgeless kernel regression (the paper's setting); λ* = λ·mean(diag K) ridge chosen on held-out "
               "training images (test labels never used for the choice).", ""]
     if best is not None:
         setting = best[chosen_by]

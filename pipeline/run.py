@@ -145,11 +145,31 @@ def tile_key(store_path: str | os.PathLike, tile: tuple[int, int]) -> str:
 
 # --- run: compute and wait ------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What `run` did (`cntk run --json` prints these fields): store path, backend ('cpu' | 'gpu'), kernels
+    (keys, random features included), depths, n_train, n_test, tile (edge), tiles_total (planned),
+    tiles_done_before (done and intact before this run), tiles_damaged (done but failing their checksums:
+    recomputed), tiles_computed (by this run, damaged ones included), pairs_computed, wall_seconds."""
+    store: str
+    backend: str
+    kernels: list[str]
+    depths: list[int]
+    n_train: int
+    n_test: int
+    tile: int
+    tiles_total: int
+    tiles_done_before: int
+    tiles_damaged: int
+    tiles_computed: int
+    pairs_computed: int
+    wall_seconds: float
+
+
 def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None,
-        progress: bool = True, verify: bool = True) -> dict:
-    """Compute every missing tile of `config` into config.store; return a summary dict:
-    store, backend, kernels, depths, n_train, n_test, tile, tiles_total, tiles_done_before,
-    tiles_damaged, tiles_computed, pairs_computed, wall_seconds.
+        progress: bool = True, verify: bool = True) -> RunSummary:
+    """Compute every missing tile of `config` into config.store; return a RunSummary. progress: a tqdm bar on
+    stderr.
 
     verify: re-check the chunk checksums of tiles already done (recomputing damaged ones); False trusts
     the completion records (faster resume of a very large store)."""
@@ -166,14 +186,13 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
             backend = _ready_backend(client, backend)
             _execute(client, prep.todo, config=_with_absolute_store(config), backend=backend,
                      pairs_todo=pairs_todo, progress=progress)
-    return {
-        "store": str(config.store), "backend": backend,
-        "kernels": list(config.kernel.keys) + list(config.kernel.rf_keys),
-        "depths": list(config.kernel.depths), "n_train": prep.inputs.n_train, "n_test": prep.inputs.n_test,
-        "tile": config.tiles.size, "tiles_total": len(prep.planned),
-        "tiles_done_before": len(prep.done - prep.damaged), "tiles_damaged": len(prep.damaged),
-        "tiles_computed": len(prep.todo), "pairs_computed": pairs_todo, "wall_seconds": time.time() - started,
-    }
+    return RunSummary(
+        store=str(config.store), backend=backend,
+        kernels=list(config.kernel.keys) + list(config.kernel.rf_keys),
+        depths=list(config.kernel.depths), n_train=prep.inputs.n_train, n_test=prep.inputs.n_test,
+        tile=config.tiles.size, tiles_total=len(prep.planned),
+        tiles_done_before=len(prep.done - prep.damaged), tiles_damaged=len(prep.damaged),
+        tiles_computed=len(prep.todo), pairs_computed=pairs_todo, wall_seconds=time.time() - started)
 
 
 def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend: str,

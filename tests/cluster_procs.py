@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -59,6 +60,14 @@ def cntk(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Complete
     """Run `cntk ARGS` to completion; stdout and stderr merged into .stdout."""
     return subprocess.run(cntk_command(*args), cwd=cwd or REPO, env=proc_env(**env),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def cntk_json(*args: str, cwd: Path | None = None, **env: str) -> dict:
+    """Run `cntk ARGS --json` to completion; it must succeed; returns the one JSON object of its stdout."""
+    result = subprocess.run(cntk_command(*args, "--json"), cwd=cwd or REPO, env=proc_env(**env),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
 
 
 def write_config(path: Path, *, cifar_root: Path, store: Path, train: int = 40, test: int = 20,

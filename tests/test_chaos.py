@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import collections
 import random
-import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster_procs import (assert_bit_identical, cntk, cntk_command, done_tiles, free_port, gram_arrays,
+from cluster_procs import (assert_bit_identical, cntk, cntk_command, cntk_json, done_tiles, free_port, gram_arrays,
                            proc_env, start_scheduler, start_worker, stop, wait_for_records, wait_for_workers,
                            wait_until, write_config, GATE_PRELOAD, TileLog)
 
@@ -113,10 +112,9 @@ def test_chaos_sigkills_then_resume_is_bit_identical(tmp_path, cifar_root):
     KILL_EVERY - 1 + OUTSTANDING records and the plan cannot finish before the last kill at any speed."""
     rng = random.Random(20260)
     clean_store, chaos_store = tmp_path / "clean.zarr", tmp_path / "chaos.zarr"
-    clean = cntk("run", _config(tmp_path, cifar_root, clean_store), "--workers", "2", "--threads", "1",
-                 "--no-progress")
-    assert clean.returncode == 0, clean.stdout
-    n_tiles = int(re.search(r"(\d+) total", clean.stdout).group(1))
+    clean = cntk_json("run", _config(tmp_path, cifar_root, clean_store), "--workers", "2", "--threads", "1",
+                      "--no-progress")
+    n_tiles = clean["tiles_total"]
     assert n_tiles >= N_KILLS * (KILL_EVERY + OUTSTANDING), "the plan could finish before the last kill"
 
     cluster = Cluster(tmp_path, n_workers=2, client_args=["run", str(_config(tmp_path, cifar_root, chaos_store))])
@@ -216,7 +214,8 @@ def test_submit_returns_and_the_work_continues(tmp_path, cifar_root, loopback_cl
     assert done_tiles(store) == set()
     loopback_cluster.tiles.allow_starts(float("inf"))
     _wait_done(store, 9, loopback_cluster)  # after the client exited
-    assert "tiles 9/9" in cntk("status", store).stdout
+    status = cntk_json("status", store)
+    assert (status["tiles_done"], status["tiles_total"]) == (9, 9)
     again = cntk("submit", config, "--scheduler", loopback_cluster.address)
     assert "submitted 0 of 9 tiles (9 already done" in again.stdout
     reference = tmp_path / "ref.zarr"

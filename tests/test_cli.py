@@ -1,4 +1,6 @@
-"""Bad input through the CLI: one clear line, non-zero exit, nothing computed is touched."""
+"""Bad input through the CLI: one clear line, non-zero exit, nothing computed is touched; --json output."""
+import dataclasses
+import json
 import socket
 
 import pytest
@@ -9,6 +11,7 @@ import cntk_gram.pipeline.data
 from cntk_gram.pipeline.cli import main
 from cntk_gram.pipeline.config import build_config
 from cntk_gram.pipeline.data import prepare_inputs
+from cntk_gram.pipeline.run import RunSummary
 from cntk_gram.pipeline.store import prepare_store
 
 TINY = {"data": {"train": 20, "test": 0}, "kernel": {"archs": ["vanilla"], "depths": [2]},
@@ -112,3 +115,41 @@ def test_export_unknown_kernel(tmp_path, cifar_root):
     prepare_store(store, config=config, inputs=prepare_inputs(config.data))
     fails_with_one_line(["export", store, "--kernel", "ntk-gap", "--depth", "2", "--out", tmp_path / "x.npy"],
                         "no gram/ntk-gap/depth-2", "ntk-vanilla")
+
+
+def invoke_json(args):
+    """A --json command: exit 0 and exactly one JSON object on stdout (progress and messages on stderr)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.stderr
+
+
+def test_run_status_and_paper_print_one_json_object(tmp_path, cifar_root):
+    store = tmp_path / "g.zarr"
+    config = config_file(tmp_path, root=cifar_root, data={"train": 20, "test": 10}, tiles={"size": 10})
+    summary, stderr = invoke_json(["run", config, "--json"])     # with the progress bar: it goes to stderr
+    assert summary == {**summary, "store": str(store), "backend": "cpu", "kernels": ["ntk-vanilla", "nngp-vanilla"],
+                       "depths": [2], "n_train": 20, "n_test": 10, "tile": 10, "tiles_total": 5,
+                       "tiles_done_before": 0, "tiles_damaged": 0, "tiles_computed": 5,
+                       "pairs_computed": 20 * 21 // 2 + 20 * 10}
+    assert set(summary) == {f.name for f in dataclasses.fields(RunSummary)} and summary["wall_seconds"] > 0
+    assert "pair" in stderr                                     # tqdm's bar
+
+    status, _ = invoke_json(["status", store, "--json"])
+    assert (status["tiles_done"], status["tiles_total"]) == (5, 5) and status["pairs_done"] == status["pairs_total"]
+    assert status["per_array"]["gram/ntk-vanilla/depth-2"] == {"done": 5, "total": 5}
+    assert status["store"] == str(store) and status["pairs_per_second"] > 0 and status["last_finished"] > 0
+
+    doc, _ = invoke_json(["paper", config, "--json", "--no-validation", "--out", tmp_path / "report"])
+    assert doc["run"]["tiles_computed"] == 0 and doc["run"]["tiles_done_before"] == 5
+    assert [(r["kernel"], r["depth"]) for r in doc["rows"]] == [("nngp-vanilla", 2), ("ntk-vanilla", 2)]
+    assert all(0 <= r["ridgeless"]["accuracy"] <= 1 for r in doc["rows"])
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["kernel_run"] == doc["run"]
+
+
+def test_json_commands_keep_the_one_line_error(tmp_path):
+    result = CliRunner().invoke(main, ["status", str(tmp_path / "nothing.zarr"), "--json"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: no store at") and len(result.stderr.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "none.yaml"), "--json"])
+    assert result.exit_code == 2 and result.stdout == "" and result.stderr.startswith("Error: ")

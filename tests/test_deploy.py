@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster_procs import REPO, cntk, proc_env, wait_for_records, wait_until, write_config
+from cluster_procs import REPO, cntk, cntk_json, proc_env, wait_for_records, wait_until, write_config
 
 DEPLOY = REPO / "deploy"
 SCRIPTS = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".sh", ".sbatch"))
@@ -230,8 +230,8 @@ def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_root):
         assert submitted.returncode == 0, submitted.stdout
         assert "submitted 18 of 18 tiles" in submitted.stdout
         wait_for_records(store, 18)
-        status = cntk("status", store)
-        assert "tiles 18/18" in status.stdout, status.stdout
+        status = cntk_json("status", store)
+        assert (status["tiles_done"], status["tiles_total"]) == (18, 18), status
         # the tiles may all finish within the first lifetime: wait for a retirement (it comes every 3-5 s)
         wait_until(lambda: "worker-lifetime-reached" in (cluster_dir / "workers.log").read_text(),
                    what="a worker retired by its lifetime")

@@ -16,6 +16,7 @@ from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.inspect import summary, verify
 from cntk_gram.pipeline.paper import Protocol, matching_columns
 from cntk_gram.pipeline.run import run
+from cntk_gram.pipeline.ridge import SolveOptions
 from cntk_gram.pipeline.solve import solve_store
 from cntk_gram.pipeline.store import array_name, open_gram, parse_array_name, planned_arrays
 from cntk_gram.workers.cpu import tile_kernels
@@ -49,8 +50,8 @@ def raw_config(base, root, store, **sections):
 def lap_store(cifar_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("enhanced") / "lap.zarr"
     summary_ = run(build_config(raw_config(SMALL, cifar_root, store)), progress=False)
-    assert summary_["tiles_computed"] == summary_["tiles_total"] == 5
-    assert summary_["kernels"] == KEYS
+    assert summary_.tiles_computed == summary_.tiles_total == 5
+    assert summary_.kernels == KEYS
     return store
 
 
@@ -125,7 +126,7 @@ def test_records_verify_summary_and_export_cover_every_key(lap_store, tmp_path):
 
 def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store, cifar_root):
     before = store_snapshot(lap_store)
-    assert run(build_config(raw_config(SMALL, cifar_root, lap_store)), progress=False)["tiles_computed"] == 0
+    assert run(build_config(raw_config(SMALL, cifar_root, lap_store)), progress=False).tiles_computed == 0
     for change, field in (({"lap": [0, 4]}, "kernel.lap"), ({"lap": []}, "kernel.lap"),
                           ({"flip": False}, "kernel.flip")):
         with pytest.raises(UserError, match=field):
@@ -181,7 +182,7 @@ def test_zca_store_holds_the_whitened_images_fitted_on_train_only(zca_store, cif
 
 def test_zca_resume_with_other_settings_is_refused(zca_store, cifar_root):
     before = store_snapshot(zca_store)
-    assert run(build_config(raw_config(ZCA, cifar_root, zca_store)), progress=False)["tiles_computed"] == 0
+    assert run(build_config(raw_config(ZCA, cifar_root, zca_store)), progress=False).tiles_computed == 0
     for change, field in (({"zca_epsilon": 0.2}, "data.zca_epsilon"), ({"preprocess": "standard"}, "data.preprocess")):
         with pytest.raises(UserError, match=field):
             run(build_config(raw_config(ZCA, cifar_root, zca_store, data=change)), progress=False)
@@ -189,15 +190,15 @@ def test_zca_resume_with_other_settings_is_refused(zca_store, cifar_root):
 
 
 def test_solve_handles_lap_and_flip_keys(lap_store, tmp_path):
-    rows = solve_store(lap_store, kernels=["ntk-lap2-flip", "ntk-gap"], validate=False, device="cpu",
-                       scratch_dir=tmp_path)
-    assert [r["kernel"] for r in rows] == ["ntk-gap", "ntk-lap2-flip"]
+    rows = solve_store(lap_store, SolveOptions(validate=False, device="cpu", scratch_dir=tmp_path),
+                       kernels=["ntk-lap2-flip", "ntk-gap"])
+    assert [r.kernel for r in rows] == ["ntk-gap", "ntk-lap2-flip"]
     labels = zarr.open_array(lap_store, path="inputs/labels", mode="r")[:]
     for row in rows:   # against numpy's dense solve of the same Gram matrix
-        k = open_gram(lap_store, row["kernel"], 3).compute().astype(np.float64)
+        k = open_gram(lap_store, row.kernel, 3).compute().astype(np.float64)
         alpha = np.linalg.solve(k[:N_TRAIN, :N_TRAIN], targets(labels[:N_TRAIN]))
         predicted = (k[N_TRAIN:, :N_TRAIN] @ alpha).argmax(axis=1)
-        assert row["paper"]["accuracy"] == np.mean(predicted == labels[N_TRAIN:])
+        assert row.ridgeless.accuracy == np.mean(predicted == labels[N_TRAIN:])
 
 
 def test_paper_columns_never_apply_to_whitened_images():
@@ -217,7 +218,7 @@ def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_imag
     doc = json.loads(meta.read_text())
     doc["attributes"]["data_fingerprint"] = "0" * 64   # as if another machine's eigh rounded the images differently
     meta.write_text(json.dumps(doc))
-    assert run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False)["tiles_computed"] == 0
+    assert run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False).tiles_computed == 0
     doc["attributes"]["preprocessing"]["zca"]["source_fingerprint"] = "1" * 64   # other standardised images
     meta.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="different data"):

@@ -8,12 +8,15 @@ PACKAGE = "cntk_gram.pipeline"
 
 # module -> the pipeline modules it may import; every module may also import `errors`
 ALLOWED = {
-    "cli": {"run", "inspect", "experiment", "solve", "report", "config"},
-    "experiment": {"run", "solve", "report", "paper", "store", "config"},
+    "cli": {"run", "inspect", "experiment", "ridge", "report", "config"},
+    "experiment": {"run", "solve", "ridge", "results", "report", "paper", "store", "config"},
     "run": {"cluster", "tasks", "store", "records", "data", "plan", "config"},
     "inspect": {"store", "records", "data", "plan"},
-    "solve": {"store"},
-    "report": {"paper"},
+    "solve": {"ridge", "linalg", "results", "store"},
+    "ridge": {"linalg"},
+    "linalg": set(),
+    "report": {"paper", "results"},
+    "results": set(),
     "paper": set(),
     "cluster": {"config"},
     "tasks": {"store", "records", "plan"},

@@ -56,7 +56,7 @@ def reference_store(cifar_root, tmp_path_factory):
     raw = json.loads(json.dumps(SMALL))
     raw["data"]["root"], raw["store"] = str(cifar_root), str(store)
     summary = run(build_config(raw), progress=False)
-    assert summary["tiles_computed"] == summary["tiles_total"] == 33
+    assert summary.tiles_computed == summary.tiles_total == 33
     return store
 
 
@@ -83,7 +83,7 @@ def test_gap_and_fc_tiles_match_the_oracle(cifar_root, tmp_path):
            "kernel": {"archs": ["vanilla", "gap", "fc"], "depths": [2, 3]}, "tiles": {"size": 2},
            "backend": "cpu", "store": str(tmp_path / "gap.zarr"), "cluster": {"threads": 1}}
     summary = run(build_config(raw), progress=False)
-    assert summary["tiles_computed"] == 6
+    assert summary.tiles_computed == 6
     images = zarr.open_array(tmp_path / "gap.zarr", path="inputs/images", mode="r")[:]
     rows, cols = [0, 1, 3], [2, 4, 5]  # entries from different tiles, train x test and test x test
     oracle = cntk_reference(images[rows], images[cols], max_depth=3, archs=("vanilla", "gap"))
@@ -247,7 +247,7 @@ def test_read_commands_and_damage_repair(reference_store, tmp_path):
     raw_config = zarr.open_group(store, mode="r").attrs["config"]
     raw_config["store"] = str(store)
     summary = run(build_config(raw_config), progress=False)
-    assert (summary["tiles_damaged"], summary["tiles_computed"]) == (1, 1)
+    assert (summary.tiles_damaged, summary.tiles_computed) == (1, 1)
     assert runner.invoke(main, ["verify", str(store)]).exit_code == 0
     np.testing.assert_array_equal(gram_arrays(store)["gram/nngp-vanilla/depth-3"],
                                   gram_arrays(reference_store)["gram/nngp-vanilla/depth-3"])
@@ -267,5 +267,5 @@ def test_failing_tile_stops_with_one_line_and_keeps_finished_tiles(cifar_root, t
     assert (0, 0) in tile_status(store)[0] and (0, 1) not in tile_status(store)[0]
     shutil.rmtree(store / "gram" / "ntk-vanilla" / "depth-2" / "c" / "0" / "1")
     summary = run(config, progress=False)
-    assert summary["tiles_computed"] == 3 - summary["tiles_done_before"] and summary["tiles_done_before"] >= 1
+    assert summary.tiles_computed == 3 - summary.tiles_done_before and summary.tiles_done_before >= 1
     assert tile_status(store)[0] == set(tile_status(store)[1])

@@ -81,13 +81,13 @@ def test_cli_solve_end_to_end_on_a_store_with_ragged_tiles(tmp_path, rng):
     for row in summary["rows"]:
         k = grams[(row["kernel"], row["depth"])]
         alpha, pred = reference_fit(k, labels)
-        base = f"solve/{row['kernel']}/depth-{row['depth']}/paper"
+        base = f"solve/{row['kernel']}/depth-{row['depth']}/ridgeless"
         assert np.linalg.norm(group[f"{base}/alpha"][:] - alpha) <= 1e-8 * np.linalg.norm(alpha)
         assert np.array_equal(group[f"{base}/predictions"][:], pred)
-        assert row["paper"]["accuracy"] == np.mean(pred == labels[N_TRAIN:])
+        assert row["ridgeless"]["accuracy"] == np.mean(pred == labels[N_TRAIN:])
         alpha_v, pred_v = reference_fit(k, labels, lam=row["validated"]["lambda"])
         assert np.array_equal(group[f"solve/{row['kernel']}/depth-{row['depth']}/validated/predictions"][:], pred_v)
-        assert np.sum(row["paper"]["confusion"]) == N_TEST
+        assert np.sum(row["ridgeless"]["confusion"]) == N_TEST
     for d in (3, 6):   # gram/ untouched
         after = zarr.open_array(str(store), path=f"gram/ntk-vanilla/depth-{d}", mode="r")[:]
         assert np.array_equal(before[d], after, equal_nan=True)
@@ -109,8 +109,8 @@ def test_not_positive_definite_and_incomplete_kernels_are_reported(tmp_path, rng
     result = CliRunner().invoke(solve, [str(store), "--out", str(out), "--lambdas", "0,1e-4,1e-1"])
     assert result.exit_code == 0, result.output
     rows = {r["depth"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert "not positive definite" in rows[3]["paper"]["error"]
-    assert rows[3]["paper"]["smallest_working_lambda"] == 1e-4
+    assert "not positive definite" in rows[3]["ridgeless"]["error"]
+    assert rows[3]["ridgeless"]["smallest_working_lambda"] == 1e-4
     assert "smallest λ in the grid" in result.output and "incomplete" in result.output
     assert "not computed" in rows[6]["error"]
 
@@ -147,7 +147,7 @@ def test_missing_store_is_a_user_error(tmp_path):
 def test_best_kernel_is_chosen_by_validation_not_test_accuracy():
     def row(depth, val_acc, test_acc):
         fit = {"lambda": 0.0, "accuracy": test_acc, "confusion": [[1]]}
-        return {"kernel": "ntk-gap", "depth": depth, "paper": fit, "validated": fit,
+        return {"kernel": "ntk-gap", "depth": depth, "ridgeless": fit, "validated": fit,
                 "selection": {"val_accuracy": [{"lambda": 0.0, "accuracy": val_acc}]}}
     best, how = report.best_row([row(3, 0.9, 0.5), row(6, 0.6, 0.8)])
     assert (best["depth"], how) == (3, "validated")
@@ -196,7 +196,7 @@ def test_paper_columns_apply_only_under_the_same_protocol():
 
 def test_table_names_the_paper_column_and_prints_na_elsewhere():
     fit = {"lambda": 0.0, "accuracy": 0.5, "confusion": [[1]]}
-    rows = [{"kernel": key, "depth": 6, "paper": fit} for key in ("ntk-vanilla", "nngp-vanilla")]
+    rows = [{"kernel": key, "depth": 6, "ridgeless": fit} for key in ("ntk-vanilla", "nngp-vanilla")]
     columns = paper_tables.matching_columns(paper_tables.Protocol(n_train=2000, n_test=10000))
     text = report.format_table(rows, {"ntk-vanilla": columns["ntk-vanilla"]})
     assert "paper Table 1 CNTK-V-2K (%)" in text.splitlines()[0]
@@ -230,4 +230,149 @@ def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
     for row in summary["rows"]:
         k = open_gram(store, row["kernel"], row["depth"])[:, :40].compute()   # (60, 40): all the fit uses
         _, pred = reference_fit(k, labels)
-        assert row["paper"]["accuracy"] == np.mean(pred == labels[40:])
+        assert row["ridgeless"]["accuracy"] == np.mean(pred == labels[40:])
+
+
+# ---------------------------------------------------------------- --json, resume, old results.json files
+
+def solve_json(args):
+    """`cntk solve ARGS --json`: exit 0 and exactly one JSON object on stdout."""
+    result = CliRunner().invoke(solve, [*map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.stderr
+
+
+def _same_results(a: dict, b: dict) -> bool:
+    """Rows equal but for when and how they were made."""
+    def strip(row):
+        return {k: v for k, v in row.items() if k not in ("solved_at", "solve_seconds", "reused")}
+    return [strip(r) for r in a["rows"]] == [strip(r) for r in b["rows"]]
+
+
+def test_solve_json_is_one_object_on_stdout_with_rows_and_paths(tmp_path, rng):
+    store, labels, grams = make_store(tmp_path, rng)
+    out = tmp_path / "report"
+    doc, stderr = solve_json([store, "--out", out, "--lambdas", "0,1e-3,1e-1", "--device", "cpu"])
+    assert set(doc) == {"store", "rows", "paths", "paper_columns"} and doc["paper_columns"] == {}
+    assert doc["paths"]["json"] == str(out / "results.json") and Path(doc["paths"]["accuracy_plot"]).exists()
+    assert [(r["kernel"], r["depth"]) for r in doc["rows"]] == [("ntk-vanilla", 3), ("ntk-vanilla", 6)]
+    for row in doc["rows"]:
+        _, pred = reference_fit(grams[(row["kernel"], row["depth"])], labels)
+        assert row["ridgeless"]["accuracy"] == np.mean(pred == labels[N_TRAIN:])
+        assert row["selection"]["scheme"] == "full" and row["selection"]["n_fit"] + row["selection"]["n_val"] == N_TRAIN
+        assert row["options"] == {"lambdas": [0.0, 1e-3, 1e-1], "validate": True, "scheme": "full", "seed": 0,
+                                  "val_fraction": 0.1}
+        assert row["reused"] is False
+    assert doc["rows"] == json.loads((out / "results.json").read_text())["rows"]
+    assert "solving ntk-vanilla depth 3" in stderr          # progress on stderr
+
+
+def test_solve_json_errors_stay_one_line_on_stderr(tmp_path, rng):
+    store, _, _ = make_store(tmp_path, rng)
+    result = CliRunner().invoke(solve, [str(store), "--json", "--lambdas", "x"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().startswith("Error: --lambdas") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_interrupted_solve_resumes_without_solving_again_what_is_saved(tmp_path, rng, monkeypatch):
+    from cntk_gram.pipeline import solve as solve_module
+
+    store, _, _ = make_store(tmp_path, rng)
+    clean = tmp_path / "clean.zarr"
+    import shutil
+    shutil.copytree(store, clean)
+    reference, _ = solve_json([clean, "--out", tmp_path / "clean-report", "--validation", "subset",
+                               "--val-fit", "25", "--val-size", "10"])
+    assert {r["selection"]["scheme"] for r in reference["rows"]} == {"subset"}
+    args = [store, "--out", tmp_path / "r", "--validation", "subset", "--val-fit", "25", "--val-size", "10"]
+
+    solved = []
+    original = solve_module.solve_kernel
+
+    def second_kernel_dies(gram, **kw):
+        solved.append(kw["label"])
+        if len(solved) == 2:
+            raise KeyboardInterrupt("killed while solving the second kernel")
+        return original(gram, **kw)
+
+    monkeypatch.setattr(solve_module, "solve_kernel", second_kernel_dies)
+    result = CliRunner().invoke(solve, [str(a) for a in args])
+    assert result.exit_code != 0 and solved == ["ntk-vanilla depth 3: ", "ntk-vanilla depth 6: "]
+    group = zarr.open_group(str(store), mode="r")
+    assert "kernel" in group["solve/ntk-vanilla/depth-3"].attrs and "solve/ntk-vanilla/depth-6" not in group
+
+    solved.clear()
+    monkeypatch.setattr(solve_module, "solve_kernel",
+                        lambda gram, **kw: solved.append(kw["label"]) or original(gram, **kw))
+    doc, stderr = solve_json(args)
+    assert solved == ["ntk-vanilla depth 6: "]               # depth 3 came from the store
+    assert [r["reused"] for r in doc["rows"]] == [True, False]
+    assert "ntk-vanilla depth 3: solved before with the same options, reused" in stderr
+    assert _same_results(doc, reference)
+    for d in (3, 6):
+        for name in ("ridgeless/alpha", "validated/predictions"):
+            a = zarr.open_array(str(store), path=f"solve/ntk-vanilla/depth-{d}/{name}", mode="r")[:]
+            b = zarr.open_array(str(clean), path=f"solve/ntk-vanilla/depth-{d}/{name}", mode="r")[:]
+            assert np.array_equal(a, b)
+
+    solved.clear()                                           # other options: solved again
+    doc, _ = solve_json([*args[:-1], "20", "--depth", "3"])
+    assert solved == ["ntk-vanilla depth 3: "] and doc["rows"][0]["selection"]["n_val"] == 20
+    solved.clear()                                           # --force: everything again
+    doc, _ = solve_json([*args, "--force"])
+    assert solved == ["ntk-vanilla depth 3: ", "ntk-vanilla depth 6: "] and _same_results(doc, reference)
+
+
+OLD_RESULTS = {   # a results.json written before the λ = 0 setting was renamed from 'paper' to 'ridgeless'
+    "title": "old", "paper_reference": {"source": "x", "protocol": None, "columns": []},
+    "rows": [{"kernel": "ntk-vanilla", "depth": 3, "n_train": 40, "n_test": 15,
+              "paper": {"lambda": 0.0, "accuracy": 0.4, "confusion": [[1]]},
+              "validated": {"lambda": 0.001, "accuracy": 0.5, "confusion": [[1]]},
+              "selection": {"lambda": 0.001, "val_accuracy": [{"lambda": 0.0, "accuracy": 0.3},
+                                                              {"lambda": 0.001, "accuracy": 0.6}],
+                            "n_fit": 36, "n_val": 4, "seed": 0, "val_fraction": 0.1}},
+             {"kernel": "rf-ntk-vanilla", "depth": 3, "n_train": 40, "n_test": 15, "draw": 0,
+              "paper": {"lambda": 0.0, "accuracy": 0.35, "confusion": [[1]]}}],
+    "rf_summary": [{"kernel": "rf-ntk-vanilla", "depth": 3, "draws": 1, "draws_failed": 0,
+                    "paper": {"median": 0.35, "min": 0.35, "max": 0.35}, "validated": None,
+                    "val_accuracy": None, "lambdas": []}],
+    "best": {"kernel": "ntk-vanilla", "depth": 3, "setting": "paper", "chosen_by": "test accuracy"},
+}
+
+
+def test_old_results_json_files_are_read_with_the_new_key(tmp_path):
+    from cntk_gram.pipeline.results import SolveRow, read_results
+
+    (tmp_path / "results.json").write_text(json.dumps(OLD_RESULTS))
+    doc = read_results(tmp_path)
+    assert [r["ridgeless"]["accuracy"] for r in doc["rows"]] == [0.4, 0.35]
+    assert not any("paper" in r for r in doc["rows"])
+    assert doc["rf_summary"][0]["ridgeless"]["median"] == 0.35 and doc["best"]["setting"] == "ridgeless"
+    assert doc["paper_reference"] == OLD_RESULTS["paper_reference"]       # the published paper's part is kept
+    row = SolveRow.from_dict(OLD_RESULTS["rows"][0])
+    assert (row.ridgeless.accuracy, row.validated.lam, row.selection.scheme) == (0.4, 0.001, "full")
+    # the report functions take old row dicts, new ones and SolveRow objects alike
+    assert report.format_table(OLD_RESULTS["rows"]) == report.format_table(doc["rows"]) == \
+        report.format_table([SolveRow.from_dict(r) for r in OLD_RESULTS["rows"]])
+    assert "40.00" in report.format_table(OLD_RESULTS["rows"])
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-5000"
+    if (committed / "results.json").exists():      # a report committed before the rename
+        assert all("ridgeless" in r for r in read_results(committed)["rows"] if "error" not in r)
+
+
+def test_a_row_cut_short_by_a_kill_is_solved_again(tmp_path, rng, monkeypatch):
+    from cntk_gram.pipeline import solve as solve_module
+    from cntk_gram.pipeline.ridge import SolveOptions
+
+    store, _, _ = make_store(tmp_path, rng)
+    options = SolveOptions(lambdas=(0.0, 1e-3), validate=False)
+    first = solve_module.solve_store(store, options)
+    meta = store / "solve" / "ntk-vanilla" / "depth-3" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])                  # the attributes' write was cut off
+    solved = []
+    original = solve_module.solve_kernel
+    monkeypatch.setattr(solve_module, "solve_kernel",
+                        lambda gram, **kw: solved.append(kw["label"]) or original(gram, **kw))
+    again = solve_module.solve_store(store, options)
+    assert solved == ["ntk-vanilla depth 3: "] and [r.reused for r in again] == [False, True]
+    assert [r.ridgeless for r in again] == [r.ridgeless for r in first]

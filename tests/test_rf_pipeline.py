@@ -17,6 +17,7 @@ from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.paper import Protocol, matching_columns
 from cntk_gram.pipeline.report import rf_summaries, table_cells
 from cntk_gram.pipeline.run import run
+from cntk_gram.pipeline.ridge import SolveOptions
 from cntk_gram.pipeline.solve import solve_store
 from cntk_gram.pipeline.store import array_name, open_gram, parse_array_name, planned_arrays
 from cntk_gram.workers.preprocess import targets
@@ -44,7 +45,7 @@ def small_raw(root, store, **kernel):
 def rf_store(cifar_root, tmp_path_factory):
     store = tmp_path_factory.mktemp("rf") / "rf.zarr"
     summary = run(build_config(small_raw(cifar_root, store)), progress=False)
-    assert summary["tiles_computed"] == summary["tiles_total"] == 7
+    assert summary.tiles_computed == summary.tiles_total == 7
     return store
 
 
@@ -107,9 +108,9 @@ def test_store_records_torch_and_one_record_covers_every_array(rf_store):
 def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, cifar_root):
     before = store_snapshot(rf_store)
     summary = run(build_config(small_raw(cifar_root, rf_store)), progress=False)
-    assert summary["tiles_computed"] == 0 and summary["tiles_done_before"] == 7
+    assert summary.tiles_computed == 0 and summary.tiles_done_before == 7
     # a different memory budget computes the same kernel: resuming with it is fine
-    assert run(build_config(small_raw(cifar_root, rf_store, max_bytes="8MiB")), progress=False)["tiles_computed"] == 0
+    assert run(build_config(small_raw(cifar_root, rf_store, max_bytes="8MiB")), progress=False).tiles_computed == 0
     for change in ({"width": 16}, {"draws": 3}, {"seed": 4}):
         with pytest.raises(UserError, match=f"kernel.random_features.{next(iter(change))}"):
             run(build_config(small_raw(cifar_root, rf_store, **change)), progress=False)
@@ -161,27 +162,27 @@ def test_rf_without_torch_is_refused_before_any_store_is_touched(rf_store, cifar
 
 
 def test_solve_gives_a_row_per_draw_and_the_summary_is_their_median_min_max(rf_store, tmp_path):
-    rows = solve_store(rf_store, kernels=["rf-ntk-vanilla", "rf-ntk-gap", "ntk-vanilla"], validate=False,
-                       device="cpu", scratch_dir=tmp_path)
-    assert [(r["kernel"], r.get("draw")) for r in rows] == [
+    rows = solve_store(rf_store, SolveOptions(validate=False, device="cpu", scratch_dir=tmp_path),
+                       kernels=["rf-ntk-vanilla", "rf-ntk-gap", "ntk-vanilla"])
+    assert [(r.kernel, r.draw) for r in rows] == [
         ("ntk-vanilla", None), ("rf-ntk-gap", 0), ("rf-ntk-gap", 1), ("rf-ntk-vanilla", 0), ("rf-ntk-vanilla", 1)]
     labels = zarr.open_array(rf_store, path="inputs/labels", mode="r")[:]
     for row in rows:   # each per-draw accuracy against numpy's dense solve of that draw's Gram matrix
-        k = open_gram(rf_store, row["kernel"], 3, row.get("draw")).compute().astype(np.float64)
+        k = open_gram(rf_store, row.kernel, 3, row.draw).compute().astype(np.float64)
         alpha = np.linalg.solve(k[:N_TRAIN, :N_TRAIN], targets(labels[:N_TRAIN], n_classes=2))
         predicted = (k[N_TRAIN:, :N_TRAIN] @ alpha).argmax(axis=1)
-        assert row["paper"]["accuracy"] == np.mean(predicted == labels[N_TRAIN:])
+        assert row.ridgeless.accuracy == np.mean(predicted == labels[N_TRAIN:])
     summaries = {s["kernel"]: s for s in rf_summaries(rows)}
     assert set(summaries) == {"rf-ntk-gap", "rf-ntk-vanilla"}
     for key, s in summaries.items():
-        accs = [r["paper"]["accuracy"] for r in rows if r["kernel"] == key]
+        accs = [r.ridgeless.accuracy for r in rows if r.kernel == key]
         assert s["draws"] == 2 and s["depth"] == 3
-        assert s["paper"] == {"median": np.median(accs), "min": np.min(accs), "max": np.max(accs)}
+        assert s["ridgeless"] == {"median": np.median(accs), "min": np.min(accs), "max": np.max(accs)}
 
 
 def test_summary_of_odd_draws_and_failed_draws():
     def row(draw, acc, lam=1e-3):
-        return {"kernel": "rf-ntk-vanilla", "depth": 4, "draw": draw, "paper": {"lambda": 0.0, "accuracy": acc},
+        return {"kernel": "rf-ntk-vanilla", "depth": 4, "draw": draw, "ridgeless": {"lambda": 0.0, "accuracy": acc},
                 "validated": {"lambda": lam, "accuracy": acc + 0.01},
                 "selection": {"val_accuracy": [{"lambda": lam, "accuracy": acc - 0.1}]}}
     accs = [0.81, 0.60, 0.90, 0.70, 0.75]
@@ -189,17 +190,17 @@ def test_summary_of_odd_draws_and_failed_draws():
     rows.append({"kernel": "rf-ntk-vanilla", "depth": 4, "draw": 5, "error": "not computed"})
     (s,) = rf_summaries(rows)
     assert (s["draws"], s["draws_failed"]) == (5, 1)
-    assert s["paper"] == {"median": 0.75, "min": 0.60, "max": 0.90}
+    assert s["ridgeless"] == {"median": 0.75, "min": 0.60, "max": 0.90}
     assert s["validated"]["median"] == pytest.approx(0.76) and s["lambdas"] == [1e-3, 1e-2]
     (cells,) = table_cells(rows)
     assert cells[:4] == ("rf-ntk-vanilla (median of 5 draws, 1 failed)", "4", "75.00 [60.00, 90.00]", "0.001..0.01")
 
 
 def _rows_for_table():
-    exact = {"kernel": "ntk-vanilla", "depth": 3, "paper": {"lambda": 0.0, "accuracy": 0.9}}
-    rf = [{"kernel": "rf-ntk-vanilla", "depth": 3, "draw": d, "paper": {"lambda": 0.0, "accuracy": a}}
+    exact = {"kernel": "ntk-vanilla", "depth": 3, "ridgeless": {"lambda": 0.0, "accuracy": 0.9}}
+    rf = [{"kernel": "rf-ntk-vanilla", "depth": 3, "draw": d, "ridgeless": {"lambda": 0.0, "accuracy": a}}
           for d, a in enumerate((0.80, 0.86, 0.84))]
-    gap = {"kernel": "ntk-gap", "depth": 3, "paper": {"lambda": 0.0, "accuracy": 0.7}}
+    gap = {"kernel": "ntk-gap", "depth": 3, "ridgeless": {"lambda": 0.0, "accuracy": 0.7}}
     return [exact, gap, *rf]
 
 
