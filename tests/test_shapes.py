@@ -15,7 +15,6 @@ from cntk_gram.workers.enhanced import flip_images, max_lap
 from cntk_gram.workers.preprocess import channel_stats, preprocess, zca_apply, zca_fit
 from cntk_gram.workers.reference import _layer_covariances, cntk_pair, cntk_reference, fc_reference, tr_d
 
-
 SHAPES = [(28, 28, 1), (8, 8, 1), (32, 32, 3), (16, 24, 2)]
 TOL = {np.float64: 1e-9, np.float32: 1e-5}
 
@@ -27,7 +26,6 @@ def assert_rel(actual, expected, tol, what=""):
         scale = max(np.abs(expected[d]).max(), 1e-30)
         err = np.abs(np.asarray(actual[d], np.float64) - expected[d]).max()
         assert err <= tol * scale, f"{what} depth {d + 2}: rel err {err / scale:.2e} > {tol}"
-
 
 
 def _images(rng, n, shape):
