@@ -27,9 +27,10 @@ def test_arccos_closed_form_matches_quadrature(rho):
     np.testing.assert_allclose(kdot.item(), 2 / 9 * step, rtol=1e-9)
 
 
-def test_diagonal_shortcut_matches_full_recursion(rng):
-    """d^(h) = box3x3(d^(h-1) / 9) equals the diagonal of the brute-force Sigma^(h)(x, x)."""
-    x = rng.normal(size=(1, 6, 7, 3))
+@pytest.mark.parametrize("shape", [(6, 7, 3), (5, 4, 1), (3, 9, 2)])
+def test_diagonal_shortcut_matches_full_recursion(rng, shape):
+    """d^(h) = box3x3(d^(h-1) / 9) equals the diagonal of the brute-force Sigma^(h)(x, x), for any P x Q x C."""
+    x = rng.normal(size=(1, *shape))
     maps = diag_maps(x, 4)
     sigma = tr_d(np.einsum("ijc,klc->ijkl", x[0], x[0]))
     for h in range(4):

@@ -61,13 +61,15 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
                  flip: bool = False, depths=None, kinds=None) -> dict:
     """CNTK (and NNGP) blocks for every depth 2..max_depth in one pass.
 
-    x: (n, P, Q, C) preprocessed images; y: (m, P, Q, C) or None (y is x: only pairs a <= b are computed and the
-    block is mirrored). archs: any of "vanilla", "gap", "fc". Returns {"{kind}-{arch}": (max_depth-1, n, m)} in `dtype`,
-    depth d at index d-2. dtype: compute and output precision of the conv archs: float32 (fast) or float64.
+    x: (n, P, Q, C) preprocessed images, any height P, width Q and channel count C; y: (m, P, Q, C) or None (y is x:
+    only pairs a <= b are computed and the block is mirrored). archs: any of "vanilla", "gap", "fc". Returns
+    {"{kind}-{arch}": (max_depth-1, n, m)} in `dtype`, depth d at index d-2. dtype: compute and output precision of
+    the conv archs: float32 (fast) or float64.
 
-    lap: LAP sizes c (ints >= 0; needs "gap" in archs): adds "{kind}-lap{c}" from the same pass over displacements
-    and depths as GAP. flip: adds "{kind}-{name}-flip" = (K(x, y) + K(x, flip y)) / 2 for every other key, at the cost of
-    one more pass against mirrored column images. Without lap and flip the output is unchanged bit for bit.
+    lap: LAP sizes c (ints 0..max(P, Q); needs "gap" in archs): adds "{kind}-lap{c}" from the same pass over
+    displacements and depths as GAP. flip: adds "{kind}-{name}-flip" = (K(x, y) + K(x, flip y)) / 2 for every other
+    key, at the cost of one more pass against mirrored column images. Without lap and flip the output is unchanged bit
+    for bit.
     Key names and definitions: docs/enhanced.md.
 
     depths, kinds: what to return (the pass computes everything up to max_depth either way): depths None = every

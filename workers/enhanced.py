@@ -12,11 +12,13 @@ import numpy as np
 from .vocab import LAP_ARCH
 
 
-def check_lap(lap, archs) -> tuple[int, ...]:
-    """Validate the LAP sizes c (integers >= 0) against the requested architectures.
+def check_lap(lap, archs, image_shape=None) -> tuple[int, ...]:
+    """Validate the LAP sizes c (integers >= 0) against the requested architectures and, given, the image size.
 
     lap: an int or an iterable of ints (empty: no LAP); archs: validated tuple of architectures. LAP is a readout of
     the GAP recursion, so "gap" must be among archs (vanilla and fc have no position pairs left to weight).
+    image_shape: (P, Q, ...) of the images, or None (not known yet, e.g. when a config is read): then every c must be
+    at most max_lap(P, Q) = max(P, Q); a larger c shifts by more pixels than the image has on either axis.
     Returns the distinct c in the given order. Raises ValueError naming the problem and what is allowed.
     """
     if lap is None:
@@ -28,7 +30,20 @@ def check_lap(lap, archs) -> tuple[int, ...]:
     if values and LAP_ARCH not in archs:
         raise ValueError(f"lap={list(values)} is a readout of the GAP recursion: add 'gap' to archs (got "
                          f"{list(archs)}); 'vanilla' and 'fc' have no position pairs to weight")
+    if image_shape is not None:
+        p, q = (int(v) for v in tuple(image_shape)[:2])
+        limit = max_lap(p, q)
+        too_large = [int(c) for c in values if c > limit]
+        if too_large:
+            raise ValueError(f"lap sizes must be at most {limit} for {p}x{q} images (a shift of at most the larger "
+                             f"image side per axis), got {too_large} in {list(values)!r}")
     return tuple(dict.fromkeys(int(c) for c in values))
+
+
+def max_lap(p: int, q: int) -> int:
+    """Largest LAP size c allowed for P x Q images: the larger side, max(P, Q). Beyond it the shifts are larger than
+    the image on both axes (the weights are still defined, and tend to GAP's as c grows: docs/enhanced.md)."""
+    return max(int(p), int(q))
 
 
 def check_flip(flip) -> bool:

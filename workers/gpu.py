@@ -1,8 +1,10 @@
 """GPU tile worker: launches the fused CNTK kernels of `cntk_tile.cu` through `cupy.RawModule`.
 
 Same contract as every backend (docs/ARCHITECTURE.md): `tile_kernels(x, y=None, *, archs, max_depth, ...)`. The planning
-half of this module (`plan_tile`, `pair_lists`, `same_images`, `compile_options`) is pure NumPy and imports without
-CuPy; CuPy is imported only when a tile actually runs. Design, blocking and the instruction count: docs/gpu.md.
+half of this module (`plan_tile`, `pair_lists`, `same_images`, `compile_options`, `check_image_shape`) is pure NumPy
+and imports without CuPy; CuPy is imported only when a tile actually runs. Design, blocking and the instruction count:
+docs/gpu.md. The kernels are compiled for the images' height, width and channel count (each 1..32), one module per
+shape (and LAP count), on first use.
 
 Flow of one tile (docs/gpu.md, "Host side"): the tile is cut into sub-tiles (rows chunk x cols chunk images, sized to
 the free device memory). A sub-tile's images, pair list (2-D super-tile order, `pair_lists`) and self flags go to the
@@ -27,14 +29,19 @@ from .validate import check_tile_call, same_images
 from .vocab import LAP_ARCH, MAX_LAP, KernelKey, output_keys
 
 KERNEL_SOURCE = Path(__file__).parent / "cntk_tile.cu"
-SIDE, CHANNELS = 32, 3
+# Image shapes (P, Q, C): the kernels are compiled for the run's shape (-DIMAGE_ROWS, -DIMAGE_COLS, -DCHANNELS; one
+# module per shape). Rows are registers and columns the lanes of one warp, so P, Q <= 32; C <= 32 (cntk_tile.cu).
+MAX_SIDE, MAX_CHANNELS = 32, 32
+SIDE, CHANNELS = 32, 3                         # the default shape (CIFAR-10); the constants below are for it
+DEFAULT_SHAPE = (SIDE, SIDE, CHANNELS)
 IMAGE_BYTES = SIDE * SIDE * CHANNELS * 4
 MAP_BYTES_PER_LAYER = 2 * SIDE * SIDE * 8      # float2 {r, g}, rows repeated twice (see cntk_tile.cu)
 PAIR_INDEX_BYTES = 4 + 4 + 1                   # pair_x, pair_y int32, pair_self uint8
 ENTRIES_PER_PAIR = {"gap": SIDE ** 4, "vanilla": SIDE ** 2}
 KERNEL_NAMES = {"gap": "cntk_gap_tile", "vanilla": "cntk_vanilla_tile"}
 # -D options of cntk_tile.cu (documented there); part of the module cache key.
-DEFAULT_OPTIONS = (("WARPS_PER_BLOCK", 8), ("BLOCKS_PER_WARP", 1), ("MIN_BLOCKS_PER_SM", 2), ("MAX_LAYERS", 32))
+DEFAULT_OPTIONS = (("WARPS_PER_BLOCK", 8), ("BLOCKS_PER_WARP", 1), ("MIN_BLOCKS_PER_SM", 2), ("MAX_LAYERS", 32),
+                   ("IMAGE_ROWS", SIDE), ("IMAGE_COLS", SIDE), ("CHANNELS", CHANNELS))
 MAX_LAYERS = dict(DEFAULT_OPTIONS)["MAX_LAYERS"]
 WORK_PER_LAUNCH = 2 ** 33                      # entry-layers per launch: ~10 ms of GPU time, small output slots
 MAX_PAIRS_PER_LAUNCH = 65536
@@ -65,17 +72,43 @@ def compile_options(options=DEFAULT_OPTIONS) -> tuple[str, ...]:
     return ("-std=c++17", "-ftz=true") + tuple(f"-D{name}={int(value)}" for name, value in options)
 
 
-def module_options(lap_count: int = 0) -> tuple[tuple[str, int], ...]:
-    """-D options of the build that serves `lap_count` LAP sizes: DEFAULT_OPTIONS for 0 (the plain kernels, same
-    cache key and code as without LAP), plus LAP_COUNT otherwise."""
-    return DEFAULT_OPTIONS + ((("LAP_COUNT", int(lap_count)),) if lap_count else ())
+def check_image_shape(shape) -> tuple[int, int, int]:
+    """The image shape (P, Q, C) (height, width, channels) if the GPU kernels take it, else one ValueError naming the
+    limit: 1 <= P, Q <= MAX_SIDE (rows are registers and columns the lanes of a warp) and 1 <= C <= MAX_CHANNELS.
+    Pure Python (no CuPy), so a run can be refused when it is planned, before any tile runs."""
+    shape = tuple(shape)
+    ok = len(shape) == 3 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shape)
+    if not ok:
+        raise ValueError(f"image shape must be (height, width, channels) integers, got {shape!r}")
+    p, q, c = (int(v) for v in shape)
+    if not (1 <= p <= MAX_SIDE and 1 <= q <= MAX_SIDE and 1 <= c <= MAX_CHANNELS):
+        raise ValueError(f"the GPU kernels take images of height and width 1..{MAX_SIDE} pixels and 1.."
+                         f"{MAX_CHANNELS} channels, got {p}x{q}x{c} (height x width x channels); use the CPU "
+                         f"backend for larger images")
+    return p, q, c
+
+
+def module_options(lap_count: int = 0, shape=DEFAULT_SHAPE) -> tuple[tuple[str, int], ...]:
+    """-D options of the build for images of `shape` (P, Q, C) that serves `lap_count` LAP sizes: DEFAULT_OPTIONS for
+    32x32x3 and 0 (the plain kernels, same cache key and code as without LAP), with IMAGE_ROWS, IMAGE_COLS, CHANNELS
+    set to the shape, plus LAP_COUNT when lap_count > 0."""
+    p, q, c = check_image_shape(shape)
+    sizes = {"IMAGE_ROWS": p, "IMAGE_COLS": q, "CHANNELS": c}
+    options = tuple((name, sizes.get(name, value)) for name, value in DEFAULT_OPTIONS)
+    return options + ((("LAP_COUNT", int(lap_count)),) if lap_count else ())
+
+
+def entries_per_pair(arch: str, shape=DEFAULT_SHAPE) -> int:
+    """Entries of one pair's recursion per layer: (PQ)^2 for GAP (every displacement block), PQ for vanilla."""
+    pixels = shape[0] * shape[1]
+    return pixels ** 2 if arch == "gap" else pixels
 
 
 def lap_table(lap) -> np.ndarray:
-    """Triangle weights t_c(d) of every c in `lap` for d = -32..31: float64 (len(lap), 64), [r, d + 32]
-    (the kernel's lap_table; w_c(delta) = t_c(delta_row) t_c(delta_col))."""
-    d = np.arange(-SIDE, SIDE)
-    return np.stack([triangle(c, d) for c in lap]) if len(lap) else np.zeros((0, 2 * SIDE))
+    """Triangle weights t_c(d) of every c in `lap` for d = -32..31 (MAX_SIDE; any image shape): float64
+    (len(lap), 64), [r, d + 32] (the kernel's lap_table; w_c(delta) = t_c(delta_row) t_c(delta_col))."""
+    d = np.arange(-MAX_SIDE, MAX_SIDE)
+    return np.stack([triangle(c, d) for c in lap]) if len(lap) else np.zeros((0, 2 * MAX_SIDE))
 
 
 @dataclass(frozen=True)
@@ -86,21 +119,23 @@ class TilePlan:
     device_bytes: int
 
 
-def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int, slots: int = 2) -> TilePlan:
+def plan_tile(n: int, m: int, *, layers: int, arch: str, budget_bytes: int, slots: int = 2,
+              shape=DEFAULT_SHAPE) -> TilePlan:
     """Largest sub-tile (chunk x chunk images, at most n x m) whose device buffers fit in `budget_bytes`.
 
     Device buffers: the tile's result (slots, layers, n, m) float32; two sub-tiles' inputs at once (the one computing
     and the next one uploading: images and diagonal maps of 2*chunk images, pair lists of chunk^2 pairs each); one
     sums slot of pairs_per_launch * layers * slots float64. slots: 2 (ntk, nngp), 2 (1 + k) for GAP with k LAP sizes.
-    Raises ValueError when the result or not even one pair fits.
+    shape: the images' (P, Q, C). Raises ValueError when the result or not even one pair fits.
     """
     if arch not in ENTRIES_PER_PAIR:
         raise ValueError(f"unknown conv architecture {arch!r}; allowed: {', '.join(ENTRIES_PER_PAIR)}")
     if not 1 <= layers <= MAX_LAYERS:
         raise ValueError(f"the GPU kernels run 1..{MAX_LAYERS} conv layers (max_depth 2..{MAX_LAYERS + 1}), "
                          f"got {layers}")
-    per_image = IMAGE_BYTES + layers * MAP_BYTES_PER_LAYER
-    work = ENTRIES_PER_PAIR[arch] * layers
+    p, q, c = check_image_shape(shape)
+    per_image = p * q * c * 4 + layers * 2 * p * q * 8   # image float32, maps float2 with rows repeated twice
+    work = entries_per_pair(arch, shape) * layers
     launch_pairs = int(np.clip(WORK_PER_LAUNCH // work, 1, MAX_PAIRS_PER_LAUNCH))
     result = n * m * layers * RESULT_BYTES_PER_PAIR_LAYER * slots // 2
 
@@ -186,11 +221,12 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
                  depths=None, kinds=None) -> dict:
     """CNTK and NNGP blocks for every depth 2..max_depth on the GPU, one pass per architecture.
 
-    x: (n, 32, 32, 3) float32 preprocessed images; y: (m, 32, 32, 3) or None (a diagonal tile: pairs a <= b are
-    computed and mirrored). archs: any of "vanilla", "gap", "fc" ("fc" runs cntk_gram.workers.fc on the host). Returns
+    x: (n, P, Q, C) float32 preprocessed images, P, Q, C <= 32 (check_image_shape; the kernels are compiled for
+    the shape on first use); y: (m, P, Q, C) or None (a diagonal tile: pairs a <= b are computed and mirrored).
+    archs: any of "vanilla", "gap", "fc" ("fc" runs cntk_gram.workers.fc on the host, for any image size). Returns
     {"{kind}-{arch}": float32 (max_depth-1, n, m)} host arrays, depth d at index d-2.
 
-    lap: LAP sizes c (ints >= 0, at most MAX_LAP distinct; needs "gap"): adds "{kind}-lap{c}" from the GAP pass (a
+    lap: LAP sizes c (ints 0..max(P, Q), at most MAX_LAP distinct; needs "gap"): adds "{kind}-lap{c}" from the GAP pass (a
     -DLAP_COUNT build of its kernel). flip: adds "{key}-flip" = (K(x, y) + K(x, flip y)) / 2 for every key, from one
     more pass per architecture against the mirrored column images; on a diagonal tile that pass also computes
     a <= b only and mirrors, since K(x_b, flip x_a) = K(x_a, flip x_b). Keys and order as the CPU backend
@@ -208,8 +244,7 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
     out = {}
     conv = [a for a in archs if a != "fc"]
     if conv:
-        if x.shape[1:] != (SIDE, SIDE, CHANNELS):
-            raise ValueError(f"the GPU kernels take {SIDE}x{SIDE}x{CHANNELS} images, got {x.shape[1:]}")
+        check_image_shape(x.shape[1:])
         x32 = np.ascontiguousarray(x, np.float32)
         y32 = None if y is None else np.ascontiguousarray(y, np.float32)
         with _device_lock:
@@ -254,13 +289,15 @@ def _conv_tile(x, y, *, arch: str, layers: int, depths, kinds, lap=(), flip: boo
     names = output_keys((arch,), lap)   # the result's slots: ntk, nngp of arch, then of each LAP(c)
     wanted = [s for s, name in enumerate(names) if KernelKey.parse(name).kind in kinds]
     layer_index = [d - 2 for d in depths]
+    image_shape = x.shape[1:]
     device_id = current_device()
-    module = load_module(device_id, compile_options(module_options(len(lap))))
+    module = load_module(device_id, compile_options(module_options(len(lap), image_shape)))
     with cupy.cuda.Device(device_id):
         plan = plan_tile(n, m, layers=layers, arch=arch, budget_bytes=int(0.8 * free_device_bytes(device_id)),
-                         slots=slots)
+                         slots=slots, shape=image_shape)
         runner = _TileRunner(module, arch=arch, layers=layers, pairs_per_launch=plan.pairs_per_launch,
-                             shape=(n, m), mirror=diagonal, columns_are_rows=diagonal and not flip, lap=lap)
+                             shape=(n, m), mirror=diagonal, columns_are_rows=diagonal and not flip, lap=lap,
+                             image_shape=image_shape)
         result = runner.run(x, y_host, same_images(x, y_host), subtiles(n, m, plan.chunk, diagonal=diagonal),
                             slots=wanted, layers=layer_index)
     return {names[s]: result[k] for k, s in enumerate(wanted)}
@@ -288,7 +325,8 @@ class _TileRunner:
     never hands them out while a kernel or copy still uses them.
     """
 
-    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror, columns_are_rows=None, lap=()):
+    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror, columns_are_rows=None, lap=(),
+                 image_shape=DEFAULT_SHAPE):
         import cupy
         self.cupy = cupy
         self.kernel = module.get_function(KERNEL_NAMES[arch])
@@ -299,9 +337,12 @@ class _TileRunner:
         # diagonal sub-tiles share the row images as columns unless those are mirrored (flip on a diagonal tile)
         self.columns_are_rows = mirror if columns_are_rows is None else columns_are_rows
         self.slots = 2 * (1 + len(lap))
-        self.scale = 1.0 / ENTRIES_PER_PAIR["gap"] if arch == "gap" else 1.0
+        self.image_shape = tuple(image_shape)   # (P, Q, C): the module was compiled for it
+        pixels = self.image_shape[0] * self.image_shape[1]
+        self.scale = 1.0 / entries_per_pair("gap", self.image_shape) if arch == "gap" else 1.0
         self.warps = dict(DEFAULT_OPTIONS)["WARPS_PER_BLOCK"]
-        self.gap_chunks = SIDE * SIDE // (self.warps * dict(DEFAULT_OPTIONS)["BLOCKS_PER_WARP"])
+        per_cuda_block = self.warps * dict(DEFAULT_OPTIONS)["BLOCKS_PER_WARP"]
+        self.gap_chunks = -(-pixels // per_cuda_block)   # GAP_CHUNKS of cntk_tile.cu
         self.compute = cupy.cuda.Stream(non_blocking=True)
         self.upload = cupy.cuda.Stream(non_blocking=True)
         with self.compute:
@@ -316,7 +357,7 @@ class _TileRunner:
         self.launches = 0
 
     def run(self, x, y, same, jobs, *, slots, layers) -> np.ndarray:
-        """x (n, 32, 32, 3), y (m, 32, 32, 3) float32 host images, same (n, m) bool, jobs from `subtiles`.
+        """x (n, P, Q, C), y (m, P, Q, C) float32 host images, same (n, m) bool, jobs from `subtiles`.
         Returns the host copy of the result's planes [slots][:, layers], (len(slots), len(layers), n, m) float32:
         all of them in one copy, else each plane (a contiguous (n, m) block on the device) on its own."""
         previous = None
@@ -360,8 +401,9 @@ class _TileRunner:
         return job
 
     def _maps(self, images_dev):
-        maps = self.cupy.empty((len(images_dev), self.layers, 2 * SIDE, SIDE, 2), self.cupy.float32)
-        self.maps_kernel((len(images_dev),), (SIDE * SIDE,),
+        p, q, _ = self.image_shape
+        maps = self.cupy.empty((len(images_dev), self.layers, 2 * p, q, 2), self.cupy.float32)
+        self.maps_kernel((len(images_dev),), (p * q,),
                          (images_dev, np.int32(len(images_dev)), np.int32(self.layers), maps))
         return maps
 

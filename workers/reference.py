@@ -113,9 +113,10 @@ def cntk_pair(x: np.ndarray, y: np.ndarray, max_depth: int, lap=()) -> dict[str,
 
 
 def cntk_reference(x, y=None, *, max_depth: int, archs=("vanilla", "gap"), lap=(), flip=False) -> dict:
-    """Brute-force CNTK blocks. x: (n,P,Q,C), y: (m,P,Q,C) or None (= x).
+    """Brute-force CNTK blocks. x: (n,P,Q,C), y: (m,P,Q,C) or None (= x); any P, Q, C.
 
-    lap: LAP sizes c (readouts of the GAP recursion); flip: add "{key}-flip" = (K(x, y) + K(x, y[:, :, ::-1])) / 2
+    lap: LAP sizes c (readouts of the GAP recursion; any c >= 0 here: the oracle evaluates the definition, while the
+    backends take c <= max(P, Q)); flip: add "{key}-flip" = (K(x, y) + K(x, y[:, :, ::-1])) / 2
     for every key, with K(x, mirror y) evaluated by brute force (no symmetry used).
     Returns {"{kind}-{arch}", "{kind}-lap{c}", "...-flip": float64 (max_depth-1, n, m)} for the requested conv archs.
     """

@@ -96,7 +96,7 @@ def check_tile_call(x, y, *, archs, max_depth, lap, flip, depths, kinds) -> Tile
     x, y = check_pair(x, y)
     archs = check_archs(archs)
     max_depth = check_depth(max_depth)
-    lap = check_lap(lap, archs)
+    lap = check_lap(lap, archs, x.shape[1:])
     flip = check_flip(flip)
     depths, kinds = check_selection(depths, kinds, max_depth)
     return TileCall(x, y, archs, max_depth, lap, flip, depths, kinds)
