@@ -241,7 +241,8 @@ def columns_for(rows: list[dict], protocol: Protocol | None) -> Columns:
 def paper_summary(protocol: Protocol | None, columns: Columns) -> dict:
     """What the report says about the paper column: the protocol and each matching column's values."""
     return {"source": SOURCE, "protocol": None if protocol is None else protocol.describe(),
-            "columns": [{"kernel": kernel, "table": c.table, "column": c.column, "n_train": c.n_train,
+            "columns": [{"kernel": kernel, "table": c.table, "column": c.column, "source": c.source,
+                         "note": c.note or None, "n_train": c.n_train,
                          "n_test": c.n_test, "classes": c.classes, "accuracy_percent": c.accuracy}
                         for kernel, c in sorted(columns.items())]}
 
@@ -250,7 +251,9 @@ def paper_note(protocol: Protocol | None, columns: Columns) -> str:
     """One line under the table naming the paper column(s), or why every paper cell is n/a."""
     if columns:
         used = "; ".join(f"{kernel}: {c.label}" for kernel, c in sorted(columns.items()))
-        return (f"Paper column: {SOURCE}, measured under the same protocol ({protocol.describe()}): {used}. "
+        sources = sorted({c.source for c in columns.values()})
+        notes = "".join(f" {c.column}: {c.note}." for _, c in sorted(columns.items()) if c.note)
+        return (f"Paper column: {'; '.join(sources)}, on the same images ({protocol.describe()}): {used}.{notes} "
                 f"n/a: the paper has no value for that kernel under this protocol.")
     where = "" if protocol is None else f" ({protocol.describe()})"
     return f"Paper column: n/a everywhere: no published value was measured under this protocol{where}."

@@ -174,7 +174,8 @@ def test_paper_values_equal_the_published_tables():
     published = _paper_tables_md()
     assert len(published) >= 10     # the parser found both tables
     for column in paper_tables.COLUMNS:
-        assert column.accuracy == published[(column.table, column.column)], column.label
+        if column.source == paper_tables.SOURCE:      # the FC reference columns come from another publication
+            assert column.accuracy == published[(column.table, column.column)], column.label
 
 
 def test_paper_columns_apply_only_under_the_same_protocol():
