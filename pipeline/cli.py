@@ -129,13 +129,15 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--max-in-flight", type=int, help="Tile tasks submitted at once.")
 @click.option("--retries", type=int, help="Retries of a failed tile task.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what the run would cost (tiles, pairs, store bytes, free disk) and compute nothing.")
 @click.option("--trust-records", is_flag=True,
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
 @json_option("store, backend, kernels, depths, n_train, n_test, tile, tiles_total, tiles_done_before, "
              "tiles_damaged, tiles_computed, pairs_computed, wall_seconds")
 def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
         backend, scheduler, scheduler_file, workers, threads, slots, max_in_flight, retries, progress,
-        trust_records, as_json):
+        trust_records, dry_run, as_json):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
     import dataclasses
 
@@ -151,7 +153,11 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
         "cluster.scheduler_file": scheduler_file, "cluster.workers": workers, "cluster.threads": threads,
         "cluster.slots": slots, "cluster.max_in_flight": max_in_flight, "cluster.retries": retries,
     }
-    s = run_config(load_config(config_file, overrides), progress=progress, verify=not trust_records)
+    config = load_config(config_file, overrides)
+    if dry_run:
+        _show_plan(config, as_json)
+        return
+    s = run_config(config, progress=progress, verify=not trust_records)
     if as_json:
         echo_json(dataclasses.asdict(s))
         return
@@ -162,6 +168,21 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
                f"tiles     {s.tiles_computed} computed ({s.tiles_damaged} damaged recomputed), "
                f"{s.tiles_done_before} already done, {s.tiles_total} total\n"
                f"pairs     {s.pairs_computed:,} computed in {s.wall_seconds:.1f} s wall")
+
+
+def _show_plan(config, as_json: bool) -> None:
+    """--dry-run: the run's cost (tiles, pairs, bytes, free disk); an Error line and exit 2 when it cannot fit."""
+    import dataclasses
+
+    from cntk_gram.pipeline.plan import check_disk
+    from cntk_gram.pipeline.run import describe_cost, dry_run
+
+    cost = dry_run(config)
+    if as_json:
+        echo_json({"store": str(config.store), **dataclasses.asdict(cost), "fits": cost.fits})
+    else:
+        click.echo(describe_cost(cost))
+    check_disk(cost, config.store)
 
 
 @main.command("submit")

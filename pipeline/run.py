@@ -25,6 +25,7 @@ import errno
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -150,7 +151,9 @@ class RunSummary:
     """What `run` did (`cntk run --json` prints these fields): store path, backend ('cpu' | 'gpu'), kernels
     (keys, random features included), depths, n_train, n_test, tile (edge), tiles_total (planned),
     tiles_done_before (done and intact before this run), tiles_damaged (done but failing their checksums:
-    recomputed), tiles_computed (by this run, damaged ones included), pairs_computed, wall_seconds."""
+    recomputed), tiles_computed (by this run, damaged ones included), pairs_computed, wall_seconds;
+    prepare_seconds (data load, store checks and creation, before the first tile), store_bytes (the Gram arrays
+    once complete)."""
     store: str
     backend: str
     kernels: list[str]
@@ -164,6 +167,8 @@ class RunSummary:
     tiles_computed: int
     pairs_computed: int
     wall_seconds: float
+    prepare_seconds: float = 0.0
+    store_bytes: int = 0
 
 
 def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None,
@@ -179,11 +184,14 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
     # an existing cluster's workers may have GPUs this client lacks: there 'auto' is resolved on a worker
     backend = config.backend if external else resolve_here(config.backend)
     prep = prepare_run(config, verify=verify)
+    prepared = time.time() - started
     bounds = bounds_of(layout(config.store))
     pairs_todo = sum(tile_pairs(bounds, tile) for tile in prep.todo)
     if prep.todo:
         with open_client(**target, cluster=config.cluster, backend=backend) as client:
             backend = _ready_backend(client, backend)
+            if progress:
+                print(describe_cost(prep.cost), file=sys.stderr, flush=True)
             _execute(client, prep.todo, config=_with_absolute_store(config), backend=backend,
                      pairs_todo=pairs_todo, progress=progress)
     return RunSummary(
@@ -192,7 +200,31 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
         depths=list(config.kernel.depths), n_train=prep.inputs.n_train, n_test=prep.inputs.n_test,
         tile=config.tiles.size, tiles_total=len(prep.planned),
         tiles_done_before=len(prep.done - prep.damaged), tiles_damaged=len(prep.damaged),
-        tiles_computed=len(prep.todo), pairs_computed=pairs_todo, wall_seconds=time.time() - started)
+        tiles_computed=len(prep.todo), pairs_computed=pairs_todo, wall_seconds=time.time() - started,
+        prepare_seconds=prepared, store_bytes=prep.cost.store_bytes)
+
+
+def describe_cost(cost: RunCost) -> str:
+    """One line: what the tiles still to compute cost and what the disk holds."""
+    return (f"plan: {cost.tiles_todo:,} of {cost.tiles_total:,} tiles to compute, {cost.pairs_todo:,} pairs; "
+            f"store {gib(cost.store_bytes)} when complete, {gib(cost.bytes_todo)} still to write, "
+            f"{gib(cost.free_bytes)} free on its disk")
+
+
+def dry_run(config: RunConfig) -> RunCost:
+    """The cost of running `config` now, touching nothing: every planned tile for a new store, the tiles not yet
+    recorded for an existing one (its checksums are not re-read). Loads the data to know the image counts."""
+    exists = check_existing(config.store, config)
+    inputs = prepare_inputs(config.data)
+    check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
+    todo = None
+    if exists:
+        done, planned = tile_status(config.store)
+        todo = [tile for tile in planned if tile not in done]
+    cost = plan_cost(config, inputs, todo=todo)
+    if todo is None:
+        cost = dataclasses.replace(cost, bytes_todo=cost.bytes_todo + inputs.images.nbytes)
+    return cost
 
 
 def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend: str,

@@ -69,3 +69,25 @@ def test_a_full_disk_fails_the_tile_keeps_the_rest_and_resumes_bit_identically(t
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_dry_run_prints_the_cost_as_json_and_touches_nothing(tmp_path, cifar_root, monkeypatch):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cntk_gram.pipeline.cli import main
+
+    config = write_config(tmp_path / "c.yaml", cifar_root=cifar_root, store=tmp_path / "s.zarr", train=8, test=4,
+                          tile=4, archs=("fc",), depths=(3, 4))
+    done = CliRunner().invoke(main, ["run", str(config), "--dry-run", "--json"])
+    assert done.exit_code == 0, done.output
+    cost = json.loads(done.stdout)
+    expected = run_cost(n_train=8, n_test=4, size=4, test_test=False, arrays=4, store_path=tmp_path)
+    assert (cost["tiles_todo"], cost["pairs_todo"], cost["store_bytes"]) == (
+        expected.tiles_total, expected.pairs_total, expected.store_bytes)
+    assert cost["fits"] and not (tmp_path / "s.zarr").exists()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("cntk_gram.pipeline.plan.shutil.disk_usage", lambda path: usage._replace(free=10**6))
+    refused = CliRunner().invoke(main, ["run", str(config), "--dry-run"])
+    assert refused.exit_code == 2 and sum(line.startswith("Error:") for line in refused.output.splitlines()) == 1
