@@ -19,9 +19,9 @@ def _campaign(*args, cwd=REPO):
 
 
 @pytest.mark.slow
-def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_root):
+def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_format_root):
     out, work = tmp_path / "out", tmp_path / "work"
-    run = _campaign("--rehearse", "--out", out, "--work", work, "--data-root", cifar_root)
+    run = _campaign("--rehearse", "--out", out, "--work", work, "--data-root", cifar_format_root)
     assert run.returncode == 0, run.stdout + run.stderr + (out / "campaign.log").read_text()
     doc = json.loads((out / "campaign.json").read_text())
     assert [s["name"] for s in doc["stages"]] == list(gpu_campaign.STAGES)
@@ -45,7 +45,7 @@ def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_root):
     # a second call on the same work folder (a warm machine): nothing is recomputed, the reports are reused, and
     # its --out holds the whole campaign so far (call 1's records and files too)
     again = _campaign("--rehearse", "--stages", "table1-v", "--out", tmp_path / "again", "--work", work,
-                      "--data-root", cifar_root)
+                      "--data-root", cifar_format_root)
     assert again.returncode == 0, again.stdout + again.stderr
     doc2 = json.loads((tmp_path / "again" / "campaign.json").read_text())
     assert [k["call"] for k in doc2["calls"]] == [1, 2] and doc2["calls"][1]["stages"] == ["table1-v"]
