@@ -132,3 +132,9 @@ def test_require_data_turns_the_missing_data_skip_into_a_failure(tmp_path):
     required = _pytest_without_data(tmp_path / "b", CNTK_REQUIRE="data")
     assert required.returncode == 1, required.stdout + required.stderr
     assert "1 passed, 1 error" in required.stdout and "CNTK_REQUIRE=data" in required.stdout
+
+
+def test_ci_requires_the_data():
+    script = (TESTS.parent / ".ci" / "run").read_text()
+    assert "export CNTK_REQUIRE=data" in script
+    assert script.index("export CNTK_REQUIRE=data") < script.index("python -m pytest")
