@@ -16,6 +16,9 @@ Two data fixtures:
   When none has them every test that asks for `cifar_root` is skipped with one reason saying what to set; under
   CNTK_REQUIRE=data (.ci/run sets it) that is a failure instead, so CI cannot pass by skipping the data tests.
 
+Small stores that several modules check (reference_store, lap_store, zca_store, rf_store; tests/small_stores.py) are
+computed once per session on the synthetic set.
+
 The repository root is appended to sys.path (after the installed packages), so tests import the `benchmarks`
 package the way `python -m benchmarks.gpu_campaign` does, whichever directory pytest is started from.
 """

@@ -119,7 +119,8 @@ def test_chaos_sigkills_then_resume_is_bit_identical(tmp_path, cifar_format_root
     n_tiles = int(re.search(r"(\d+) total", clean.stdout).group(1))
     assert n_tiles >= N_KILLS * (KILL_EVERY + OUTSTANDING), "the plan could finish before the last kill"
 
-    cluster = Cluster(tmp_path, n_workers=2, client_args=["run", str(_config(tmp_path, cifar_format_root, chaos_store))])
+    cluster = Cluster(tmp_path, n_workers=2,
+                      client_args=["run", str(_config(tmp_path, cifar_format_root, chaos_store))])
     tiles = cluster.tiles
     kills, watchdog_kills = [], []  # (target, log lines before the kill, worker pids it may orphan)
     started = time.time()

@@ -86,7 +86,8 @@ def test_unreachable_scheduler(tmp_path, cifar_format_root):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     # the verdict is the message and the exit status; how long the product waits to connect is its setting
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--scheduler", f"tcp://127.0.0.1:{port}"],
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--scheduler",
+                         f"tcp://127.0.0.1:{port}"],
                         "cannot reach the Dask scheduler", f"tcp://127.0.0.1:{port}", exit_code=2)
     fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--scheduler-file",
                          tmp_path / "missing.json"], "scheduler file")

@@ -160,7 +160,8 @@ def test_paper_columns_never_apply_to_whitened_images():
     assert "ntk-gap" in matching_columns(Protocol.from_config(config, n_train=2000, n_test=10_000))
 
 
-def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_images(zca_store, cifar_format_root, tmp_path):
+def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_images(zca_store, cifar_format_root,
+                                                                                   tmp_path):
     import shutil
 
     copy = tmp_path / "copy.zarr"

@@ -207,7 +207,8 @@ def test_table_names_the_paper_column_and_prints_na_elsewhere():
 
 
 def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_format_root, tmp_path):
-    """`cntk paper` on 60 CIFAR-format images (the synthetic set): kernel (cntk_gram.pipeline.run.run) -> solve -> report."""
+    """`cntk paper` on 60 CIFAR-format images (the synthetic set): kernel (cntk_gram.pipeline.run.run) -> solve ->
+    report."""
     import yaml
 
     from cntk_gram.pipeline.store import open_gram

@@ -80,7 +80,8 @@ def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, c
     summary = run(build_config(small_raw(cifar_format_root, rf_store)), progress=False)
     assert summary["tiles_computed"] == 0 and summary["tiles_done_before"] == 7
     # a different memory budget computes the same kernel: resuming with it is fine
-    assert run(build_config(small_raw(cifar_format_root, rf_store, max_bytes="8MiB")), progress=False)["tiles_computed"] == 0
+    same_kernel = small_raw(cifar_format_root, rf_store, max_bytes="8MiB")
+    assert run(build_config(same_kernel), progress=False)["tiles_computed"] == 0
     for change in ({"width": 16}, {"draws": 3}, {"seed": 4}):
         with pytest.raises(UserError, match=f"kernel.random_features.{next(iter(change))}"):
             run(build_config(small_raw(cifar_format_root, rf_store, **change)), progress=False)

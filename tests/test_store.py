@@ -193,5 +193,6 @@ def test_download_checks_md5_then_unpacks(cifar_format_root, tmp_path, monkeypat
         cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "first")
     monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     loaded = cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "second")
-    assert loaded["train_images"].shape == (SYNTHETIC_TRAIN, 32, 32, 3) and loaded["test_labels"].shape == (SYNTHETIC_TEST,)
+    assert loaded["train_images"].shape == (SYNTHETIC_TRAIN, 32, 32, 3)
+    assert loaded["test_labels"].shape == (SYNTHETIC_TEST,)
     assert (tmp_path / "second" / "cifar-10-batches-py" / "test_batch").exists()
