@@ -113,7 +113,7 @@ def _pytest_without_data(tmp_path: Path, **env: str) -> subprocess.CompletedProc
     ../shared, with no CIFAR-10 in the environment and no builder; `env` adds variables."""
     tests = tmp_path / "tree" / "tests"
     tests.mkdir(parents=True)
-    for name in ("conftest.py", "_images.py"):
+    for name in ("conftest.py", "_images.py", "small_stores.py"):
         shutil.copyfile(TESTS / name, tests / name)
     (tests / "test_tiny.py").write_text("def test_real(cifar_root):\n    pass\n\n\n"
                                         "def test_format(cifar_format_root):\n    pass\n")
