@@ -39,7 +39,8 @@ def require_gpu():
     try:
         import cupy
     except ImportError as exc:
-        sys.exit(f"bench_gpu: CuPy is not importable ({exc}); install the 'gpu' extra on a machine with a CUDA GPU")
+        sys.exit(f"bench_gpu: CuPy is not importable ({exc}); on a machine with a CUDA GPU install the extra of its "
+                 f"CUDA major version, 'gpu-cuda13' or 'gpu-cuda12'")
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("zero devices")

@@ -70,11 +70,11 @@ def cntk_json(*args: str, cwd: Path | None = None, **env: str) -> dict:
     return json.loads(result.stdout)
 
 
-def write_config(path: Path, *, cifar_root: Path, store: Path, train: int = 40, test: int = 20,
+def write_config(path: Path, *, data_root: Path, store: Path, train: int = 40, test: int = 20,
                  tile: int = 20, depths=(3,), archs=("vanilla",), kinds=("ntk", "nngp"),
                  backend: str = "cpu", **extra) -> Path:
     """A small YAML config; `extra` adds top-level keys (e.g. cluster={...})."""
-    raw = {"data": {"source": "cifar10", "root": str(cifar_root), "train": train, "test": test,
+    raw = {"data": {"source": "cifar10", "root": str(data_root), "train": train, "test": test,
                     "download": False},
            "kernel": {"archs": list(archs), "kinds": list(kinds), "depths": list(depths)},
            "tiles": {"size": tile}, "backend": backend, "store": str(store), **extra}
@@ -229,10 +229,10 @@ def done_tiles(store: Path) -> set[tuple[int, int]]:
     return tile_status(store)[0]
 
 
-def finished_store(root: Path, cifar_root: Path, *, train: int = 40, test: int = 20, tile: int = 20):
+def finished_store(root: Path, data_root: Path, *, train: int = 40, test: int = 20, tile: int = 20):
     """A store computed to the end by `cntk run` (one worker, one thread) under root; returns (store, config)."""
     store = root / "g.zarr"
-    config = write_config(root / "g.yaml", cifar_root=cifar_root, store=store, train=train, test=test, tile=tile)
+    config = write_config(root / "g.yaml", data_root=data_root, store=store, train=train, test=test, tile=tile)
     result = cntk("run", config, "--workers", "1", "--threads", "1", "--no-progress")
     assert result.returncode == 0, result.stdout
     return store, config

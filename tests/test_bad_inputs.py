@@ -15,9 +15,9 @@ from cluster_procs import cntk, finished_store, free_port, store_snapshot
 
 
 @pytest.fixture(scope="module")
-def computed(tmp_path_factory, cifar_root):
+def computed(tmp_path_factory, cifar_format_root):
     """A finished store (40 + 20 images, tiles of 20) and its config."""
-    return finished_store(tmp_path_factory.mktemp("computed"), cifar_root)
+    return finished_store(tmp_path_factory.mktemp("computed"), cifar_format_root)
 
 
 def variant(tmp_path: Path, config: Path, **changes) -> Path:
@@ -35,16 +35,16 @@ def variant(tmp_path: Path, config: Path, **changes) -> Path:
     return path
 
 
-def modified_cifar(tmp_path: Path, cifar_root: Path, *, damage: str) -> Path:
-    """A CIFAR-10 directory like cifar_root except data_batch_1: truncated, or one pixel changed."""
+def modified_cifar(tmp_path: Path, cifar_format_root: Path, *, damage: str) -> Path:
+    """A CIFAR-format directory like cifar_format_root except data_batch_1: truncated, or one pixel changed."""
     root = tmp_path / "cifar-copy"
     batches = root / "cifar-10-batches-py"
     batches.mkdir(parents=True)
-    for source in (cifar_root / "cifar-10-batches-py").iterdir():
+    for source in (cifar_format_root / "cifar-10-batches-py").iterdir():
         (batches / source.name).symlink_to(source)
     first = batches / "data_batch_1"
     first.unlink()
-    raw = (cifar_root / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    raw = (cifar_format_root / "cifar-10-batches-py" / "data_batch_1").read_bytes()
     if damage == "truncated":
         first.write_bytes(raw[: len(raw) // 2])
     else:
@@ -54,7 +54,7 @@ def modified_cifar(tmp_path: Path, cifar_root: Path, *, damage: str) -> Path:
     return root
 
 
-def cases(tmp_path: Path, store: Path, config: Path, cifar_root: Path) -> dict[str, tuple[list, list[str]]]:
+def cases(tmp_path: Path, store: Path, config: Path, cifar_format_root: Path) -> dict[str, tuple[list, list[str]]]:
     """name -> (cntk arguments, words the error line must contain)."""
     dead = f"tcp://127.0.0.1:{free_port()}"
     not_a_store = tmp_path / "photos"
@@ -67,7 +67,7 @@ def cases(tmp_path: Path, store: Path, config: Path, cifar_root: Path) -> dict[s
     empty = tmp_path / "empty"
     empty.mkdir()
     def truncated_cifar_config():
-        other = modified_cifar(tmp_path, cifar_root, damage="truncated")
+        other = modified_cifar(tmp_path, cifar_format_root, damage="truncated")
         return variant(tmp_path, config, **{"data.root": str(other)})
 
     return {
@@ -123,10 +123,10 @@ CASE_NAMES = [
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_bad_input_gets_one_clear_error(tmp_path, computed, cifar_root, name):
+def test_bad_input_gets_one_clear_error(tmp_path, computed, cifar_format_root, name):
     store, config = computed
     before = store_snapshot(store)
-    args, words = cases(tmp_path, store, config, cifar_root)[name]
+    args, words = cases(tmp_path, store, config, cifar_format_root)[name]
     result = CliRunner().invoke(main, [str(a() if callable(a) else a) for a in args])
     assert result.exit_code != 0, result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
@@ -138,11 +138,11 @@ def test_bad_input_gets_one_clear_error(tmp_path, computed, cifar_root, name):
     assert store_snapshot(store) == before, "the computed store changed"
 
 
-def test_store_made_from_other_data_is_refused(tmp_path, computed, cifar_root):
+def test_store_made_from_other_data_is_refused(tmp_path, computed, cifar_format_root):
     """Same config, but the CIFAR-10 files under data.root differ in one pixel of an image the store holds."""
     store, config = computed
     before = store_snapshot(store)
-    other = modified_cifar(tmp_path, cifar_root, damage="pixel")
+    other = modified_cifar(tmp_path, cifar_format_root, damage="pixel")
     result = cntk("run", variant(tmp_path, config, **{"data.root": str(other)}))
     assert result.returncode != 0
     assert result.stdout.startswith("Error: ") and "different data" in result.stdout, result.stdout

@@ -98,26 +98,27 @@ OUTSTANDING = 2  # tile computations granted by the gate and not yet ended (= th
 WATCHDOG_S = 30  # see below: a watchdog kill is one more kill, never a verdict
 
 
-def _config(tmp_path: Path, cifar_root: Path, store: Path) -> Path:
+def _config(tmp_path: Path, cifar_format_root: Path, store: Path) -> Path:
     # 120 + 20 images in tiles of 10: 14 blocks, 12 of them train: 78 + 24 = 102 tiles.
-    return write_config(tmp_path / f"{store.stem}.yaml", cifar_root=cifar_root, store=store, train=120,
+    return write_config(tmp_path / f"{store.stem}.yaml", data_root=cifar_format_root, store=store, train=120,
                         test=20, tile=10, depths=(30,), cluster={"retries": 5, "max_in_flight": 4})
 
 
 @pytest.mark.slow
-def test_chaos_sigkills_then_resume_is_bit_identical(tmp_path, cifar_root):
+def test_chaos_sigkills_then_resume_is_bit_identical(tmp_path, cifar_format_root):
     """20 random SIGKILLs paced by progress: one after every KILL_EVERY new completion records. The test
     grants tile starts through the workers' gate so that at most OUTSTANDING granted tiles are unfinished;
     between two looks at the store at most OUTSTANDING records appear, so a kill interval adds at most
     KILL_EVERY - 1 + OUTSTANDING records and the plan cannot finish before the last kill at any speed."""
     rng = random.Random(20260)
     clean_store, chaos_store = tmp_path / "clean.zarr", tmp_path / "chaos.zarr"
-    clean = cntk_json("run", _config(tmp_path, cifar_root, clean_store), "--workers", "2", "--threads", "1",
+    clean = cntk_json("run", _config(tmp_path, cifar_format_root, clean_store), "--workers", "2", "--threads", "1",
                       "--no-progress")
     n_tiles = clean["tiles_total"]
     assert n_tiles >= N_KILLS * (KILL_EVERY + OUTSTANDING), "the plan could finish before the last kill"
 
-    cluster = Cluster(tmp_path, n_workers=2, client_args=["run", str(_config(tmp_path, cifar_root, chaos_store))])
+    cluster = Cluster(tmp_path, n_workers=2,
+                      client_args=["run", str(_config(tmp_path, cifar_format_root, chaos_store))])
     tiles = cluster.tiles
     kills, watchdog_kills = [], []  # (target, log lines before the kill, worker pids it may orphan)
     started = time.time()
@@ -204,9 +205,9 @@ def _wait_done(store: Path, n: int, cluster: Cluster) -> None:
     wait_for_records(store, n, procs=cluster.live_servers())
 
 
-def test_submit_returns_and_the_work_continues(tmp_path, cifar_root, loopback_cluster):
+def test_submit_returns_and_the_work_continues(tmp_path, cifar_format_root, loopback_cluster):
     store = tmp_path / "s.zarr"
-    config = write_config(tmp_path / "s.yaml", cifar_root=cifar_root, store=store, train=60, test=20, tile=20)
+    config = write_config(tmp_path / "s.yaml", data_root=cifar_format_root, store=store, train=60, test=20, tile=20)
     loopback_cluster.tiles.allow_starts(0)  # nothing may run before submit has returned
     submitted = cntk("submit", config, "--scheduler", loopback_cluster.address)
     assert submitted.returncode == 0, submitted.stdout
@@ -241,9 +242,9 @@ def _busy_workers(address: str) -> int:
         return sum(client.run(lambda dask_worker: len(dask_worker.active_threads)).values())
 
 
-def test_cancel_stops_outstanding_tiles(tmp_path, cifar_root, loopback_cluster):
+def test_cancel_stops_outstanding_tiles(tmp_path, cifar_format_root, loopback_cluster):
     store = tmp_path / "c.zarr"
-    config = write_config(tmp_path / "c.yaml", cifar_root=cifar_root, store=store, train=160, test=40,
+    config = write_config(tmp_path / "c.yaml", data_root=cifar_format_root, store=store, train=160, test=40,
                           tile=20, depths=(3,))
     tiles, granted = loopback_cluster.tiles, 3
     tiles.allow_starts(granted)  # the run cannot get further than this before the cancel, at any speed
@@ -269,9 +270,9 @@ def test_cancel_stops_outstanding_tiles(tmp_path, cifar_root, loopback_cluster):
 
 
 @pytest.mark.parametrize("command", ["submit", "run"])
-def test_two_clients_on_one_store_do_not_corrupt_it(tmp_path, cifar_root, loopback_cluster, command):
+def test_two_clients_on_one_store_do_not_corrupt_it(tmp_path, cifar_format_root, loopback_cluster, command):
     store = tmp_path / "two.zarr"
-    config = write_config(tmp_path / "two.yaml", cifar_root=cifar_root, store=store, train=60, test=20,
+    config = write_config(tmp_path / "two.yaml", data_root=cifar_format_root, store=store, train=60, test=20,
                           tile=20, depths=(30,))
     args = [command, str(config), "--scheduler", loopback_cluster.address]
     if command == "run":
@@ -292,9 +293,9 @@ def test_two_clients_on_one_store_do_not_corrupt_it(tmp_path, cifar_root, loopba
         assert sum(starts.values()) <= 9 + 2, starts
 
 
-def test_worker_killed_mid_tile_leaves_nothing_counted_as_done(tmp_path, cifar_root, loopback_cluster):
+def test_worker_killed_mid_tile_leaves_nothing_counted_as_done(tmp_path, cifar_format_root, loopback_cluster):
     store = tmp_path / "k.zarr"
-    config = write_config(tmp_path / "k.yaml", cifar_root=cifar_root, store=store, train=40, test=0,
+    config = write_config(tmp_path / "k.yaml", data_root=cifar_format_root, store=store, train=40, test=0,
                           tile=40, depths=(3,))  # one tile
     tiles = loopback_cluster.tiles
     tiles.hold.touch()  # the tile's chunks get written, then its worker waits before the record

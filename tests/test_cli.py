@@ -49,21 +49,21 @@ def test_missing_data(tmp_path, monkeypatch):
     assert not (tmp_path / "g.zarr").exists()
 
 
-def test_bad_tile_size(tmp_path, cifar_root):
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--tile-size", "7"],
+def test_bad_tile_size(tmp_path, cifar_format_root):
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--tile-size", "7"],
                         "tiles.size=7", "divide", "20", "valid sizes near it: ")
     assert not (tmp_path / "g.zarr").exists()
 
 
-def test_bad_slots(tmp_path, cifar_root):
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--slots", "0"], "cluster.slots", ">= 1")
+def test_bad_slots(tmp_path, cifar_format_root):
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--slots", "0"], "cluster.slots", ">= 1")
     assert not (tmp_path / "g.zarr").exists()
 
 
-def test_unknown_kernel(tmp_path, cifar_root):
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--archs", "vanilla,resnet"],
+def test_unknown_kernel(tmp_path, cifar_format_root):
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--archs", "vanilla,resnet"],
                         "kernel.archs", "'resnet'", "vanilla, gap, fc")
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--kinds", "rbf"], "kernel.kinds")
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--kinds", "rbf"], "kernel.kinds")
 
 
 def test_bad_yaml_and_missing_config(tmp_path):
@@ -72,33 +72,34 @@ def test_bad_yaml_and_missing_config(tmp_path):
     fails_with_one_line(["run", tmp_path / "none.yaml"], "not found")
 
 
-def test_store_from_another_config_is_refused(tmp_path, cifar_root):
+def test_store_from_another_config_is_refused(tmp_path, cifar_format_root):
     store = tmp_path / "g.zarr"
-    config = build_config({**TINY, "data": {**TINY["data"], "root": str(cifar_root)}, "store": str(store)})
+    config = build_config({**TINY, "data": {**TINY["data"], "root": str(cifar_format_root)}, "store": str(store)})
     prepare_store(store, config=config, inputs=prepare_inputs(config.data))
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--depths", "2,3"],
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--depths", "2,3"],
                         "different config", "kernel.depths", "[2]", "[2, 3]")
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--train", "10", "--tile-size", "10"],
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--train", "10", "--tile-size", "10"],
                         "data.train", "tiles.size")
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
-def test_unreachable_scheduler(tmp_path, cifar_root):
+def test_unreachable_scheduler(tmp_path, cifar_format_root):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
     # the verdict is the message and the exit status; how long the product waits to connect is its setting
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--scheduler", f"tcp://127.0.0.1:{port}"],
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--scheduler",
+                         f"tcp://127.0.0.1:{port}"],
                         "cannot reach the Dask scheduler", f"tcp://127.0.0.1:{port}", exit_code=2)
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root), "--scheduler-file",
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root), "--scheduler-file",
                          tmp_path / "missing.json"], "scheduler file")
 
 
-def test_unwritable_store_path(tmp_path, cifar_root):
+def test_unwritable_store_path(tmp_path, cifar_format_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    fails_with_one_line(["run", config_file(tmp_path, root=cifar_root, store=blocker / "g.zarr")],
+    fails_with_one_line(["run", config_file(tmp_path, root=cifar_format_root, store=blocker / "g.zarr")],
                         "cannot create store", str(blocker / "g.zarr"))
     assert blocker.read_text() == "mine"
 
@@ -109,9 +110,9 @@ def test_read_commands_on_missing_store(tmp_path, command):
     fails_with_one_line([command[0], tmp_path / "nothing.zarr", *command[1:]], "no store at")
 
 
-def test_export_unknown_kernel(tmp_path, cifar_root):
+def test_export_unknown_kernel(tmp_path, cifar_format_root):
     store = tmp_path / "g.zarr"
-    config = build_config({**TINY, "data": {**TINY["data"], "root": str(cifar_root)}, "store": str(store)})
+    config = build_config({**TINY, "data": {**TINY["data"], "root": str(cifar_format_root)}, "store": str(store)})
     prepare_store(store, config=config, inputs=prepare_inputs(config.data))
     fails_with_one_line(["export", store, "--kernel", "ntk-gap", "--depth", "2", "--out", tmp_path / "x.npy"],
                         "no gram/ntk-gap/depth-2", "ntk-vanilla")

@@ -69,11 +69,11 @@ def test_local_cpu_cluster_runs_the_configured_slots_per_worker():
         assert list(client.nthreads().values()) == [2]
 
 
-def test_auto_backend_on_a_cluster_without_workers_fails_after_a_bounded_wait(cifar_root, tmp_path, monkeypatch):
+def test_auto_backend_on_a_cluster_without_workers_fails_after_a_bounded_wait(cifar_format_root, tmp_path, monkeypatch):
     from distributed import LocalCluster
 
     monkeypatch.setattr(cluster, "WORKER_WAIT_S", 1)
-    config = build_config({"data": {"root": str(cifar_root), "train": 20, "test": 0},
+    config = build_config({"data": {"root": str(cifar_format_root), "train": 20, "test": 0},
                            "kernel": {"archs": ["vanilla"], "depths": [2]}, "tiles": {"size": 20},
                            "backend": "auto", "store": str(tmp_path / "s.zarr")})
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:

@@ -20,9 +20,9 @@ RECORD = Path("tiles/done/0-1/zarr.json")
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory, cifar_root):
+def pristine(tmp_path_factory, cifar_format_root):
     """A finished store (40 + 20 images, tiles of 20: 5 tiles) and its config."""
-    return finished_store(tmp_path_factory.mktemp("pristine"), cifar_root)
+    return finished_store(tmp_path_factory.mktemp("pristine"), cifar_format_root)
 
 
 @pytest.fixture(scope="module")

@@ -92,9 +92,9 @@ def test_sub_blocks_equal_whole_block(rng):
         np.testing.assert_array_equal(parts[k], whole[k])
 
 
-def test_identical_images_in_different_blocks_are_exact(cifar_root):
+def test_identical_images_in_different_blocks_are_exact(cifar_format_root):
     """A duplicate image outside a diagonal tile still gets rho = 1 exactly (content match, not position)."""
-    imgs = cifar_images(cifar_root, 2)
+    imgs = cifar_images(cifar_format_root, 2)
     ref = cntk_reference(imgs[:1], imgs[:1], max_depth=11)
     fast = tile_kernels(imgs[:1], imgs[[1, 0]], max_depth=11)
     for key, expected in ref.items():

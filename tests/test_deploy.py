@@ -10,11 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from cluster_procs import REPO, cntk, cntk_json, proc_env, wait_for_records, wait_until, write_config
+from small_stores import assert_tiles_assemble_to_whole
 
 DEPLOY = REPO / "deploy"
 SCRIPTS = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".sh", ".sbatch"))
@@ -214,7 +214,7 @@ def test_readme_has_the_sections_a_cluster_user_follows():
         assert (REPO / path).exists(), path
 
 
-def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_root):
+def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_format_root):
     """The README's local path: deploy/local-cluster.sh, `cntk submit`, the client exits, `cntk status`.
     Workers retire every 3-5 s (--lifetime 4s --lifetime-stagger 1s --lifetime-restart) and come back."""
     cluster_dir = tmp_path / "cluster"
@@ -224,7 +224,7 @@ def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_root):
     try:
         assert start.returncode == 0, start.stderr
         store = tmp_path / "g.zarr"
-        config = write_config(tmp_path / "c.yaml", cifar_root=cifar_root, store=store, train=40, test=20,
+        config = write_config(tmp_path / "c.yaml", data_root=cifar_format_root, store=store, train=40, test=20,
                               tile=10, depths=(3, 30))
         submitted = cntk("submit", config, "--scheduler-file", cluster_dir / "scheduler.json")
         assert submitted.returncode == 0, submitted.stdout
@@ -239,24 +239,16 @@ def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_root):
     finally:
         subprocess.run(["bash", "deploy/local-cluster.sh", "stop", str(cluster_dir)], cwd=REPO, env=env)
     assert "worker-lifetime-reached" in workers_log  # the lifetime flags reached the workers
-    _assert_store_matches_whole_block(store, n_train=40, n_test=20, tile=10, depths=(3, 30))
+    _assert_store_matches_whole_block(store, n_train=40, depths=(3, 30))
 
 
-def _assert_store_matches_whole_block(store: Path, *, n_train: int, n_test: int, tile: int, depths) -> None:
-    """The Gram assembled from tiles equals the CPU kernel on the whole block at once."""
+def _assert_store_matches_whole_block(store: Path, *, n_train: int, depths) -> None:
+    """The Gram assembled from tiles equals the CPU kernel on the whole block at once (small_stores)."""
     import zarr
 
     from cntk_gram.workers.cpu import tile_kernels
 
-    group = zarr.open_group(store, mode="r")
-    whole = tile_kernels(group["inputs/images"][:], None, archs=("vanilla",), max_depth=max(depths))
-    n_blocks, n_train_blocks = (n_train + n_test) // tile, n_train // tile
-    for key in ("ntk-vanilla", "nngp-vanilla"):
-        for depth in depths:
-            stored = group[f"gram/{key}/depth-{depth}"][:]
-            expected = whole[key][depth - 2]
-            for i in range(n_train_blocks):
-                for j in range(i, n_blocks):
-                    rows, cols = slice(tile * i, tile * (i + 1)), slice(tile * j, tile * (j + 1))
-                    np.testing.assert_allclose(stored[rows, cols], expected[rows, cols], rtol=1e-5, atol=1e-6)
-            assert np.isnan(stored[n_train:, n_train:]).all()  # test x test is not computed
+    whole = tile_kernels(zarr.open_array(store, path="inputs/images", mode="r")[:], None, archs=("vanilla",),
+                         max_depth=max(depths))
+    expected = {(key, depth, None): stack[depth - 2] for key, stack in whole.items() for depth in depths}
+    assert_tiles_assemble_to_whole(store, expected, n_train=n_train, rtol=1e-5, atol_scale=1e-6)

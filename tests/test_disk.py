@@ -26,14 +26,14 @@ def test_cost_counts_tiles_pairs_and_bytes(tmp_path):
     assert cost.free_bytes > 0
 
 
-def test_a_run_that_cannot_fit_stops_before_the_first_tile(tmp_path, cifar_root, monkeypatch):
+def test_a_run_that_cannot_fit_stops_before_the_first_tile(tmp_path, cifar_format_root, monkeypatch):
     import shutil
 
     from click.testing import CliRunner
 
     from cntk_gram.pipeline.cli import main
 
-    config = write_config(tmp_path / "c.yaml", cifar_root=cifar_root, store=tmp_path / "s.zarr", train=8, test=4,
+    config = write_config(tmp_path / "c.yaml", data_root=cifar_format_root, store=tmp_path / "s.zarr", train=8, test=4,
                           tile=4, archs=("fc",))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr("cntk_gram.pipeline.plan.shutil.disk_usage", lambda path: usage._replace(free=10**6))
@@ -44,8 +44,8 @@ def test_a_run_that_cannot_fit_stops_before_the_first_tile(tmp_path, cifar_root,
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_a_full_disk_fails_the_tile_keeps_the_rest_and_resumes_bit_identically(tmp_path, cifar_root):
-    sizes = dict(cifar_root=cifar_root, train=24, test=8, tile=4, archs=("fc",), depths=(3,))
+def test_a_full_disk_fails_the_tile_keeps_the_rest_and_resumes_bit_identically(tmp_path, cifar_format_root):
+    sizes = dict(data_root=cifar_format_root, train=24, test=8, tile=4, archs=("fc",), depths=(3,))
     whole = write_config(tmp_path / "a.yaml", store=tmp_path / "a.zarr", **sizes)
     assert cntk("run", whole, "--no-progress").returncode == 0
 
@@ -71,14 +71,14 @@ def test_a_full_disk_fails_the_tile_keeps_the_rest_and_resumes_bit_identically(t
         np.testing.assert_array_equal(got[name], expected[name])
 
 
-def test_dry_run_prints_the_cost_as_json_and_touches_nothing(tmp_path, cifar_root, monkeypatch):
+def test_dry_run_prints_the_cost_as_json_and_touches_nothing(tmp_path, cifar_format_root, monkeypatch):
     import shutil
 
     from click.testing import CliRunner
 
     from cntk_gram.pipeline.cli import main
 
-    config = write_config(tmp_path / "c.yaml", cifar_root=cifar_root, store=tmp_path / "s.zarr", train=8, test=4,
+    config = write_config(tmp_path / "c.yaml", data_root=cifar_format_root, store=tmp_path / "s.zarr", train=8, test=4,
                           tile=4, archs=("fc",), depths=(3, 4))
     done = CliRunner().invoke(main, ["run", str(config), "--dry-run", "--json"])
     assert done.exit_code == 0, done.output

@@ -19,47 +19,13 @@ from cntk_gram.pipeline.run import run
 from cntk_gram.pipeline.ridge import SolveOptions
 from cntk_gram.pipeline.solve import solve_store
 from cntk_gram.pipeline.store import array_name, open_gram, parse_array_name, planned_arrays
-from cntk_gram.workers.cpu import tile_kernels
-from cntk_gram.workers.preprocess import channel_stats, preprocess, targets, zca_apply, zca_fit
+from cntk_gram.workers.preprocess import channel_stats, preprocess, zca_apply, zca_fit
 
 from cluster_procs import store_snapshot
+from small_stores import LAP_FLIP, LAP_KEYS, ZCA, dense_accuracy, raw_config
 
-LAP = [0, 2]
-# 8 train (2 blocks of 4) + 4 test: 5 tiles, GAP depth 3 with flip: ~2 x 68 pairs.
-SMALL = {"data": {"train": 8, "test": 4},
-         "kernel": {"archs": ["gap"], "kinds": ["ntk", "nngp"], "depths": [3], "lap": LAP, "flip": True},
-         "tiles": {"size": 4}, "backend": "cpu", "cluster": {"workers": 1, "threads": 1}}
-N_TRAIN = 8
-KEYS = ["ntk-gap", "nngp-gap", "ntk-lap0", "nngp-lap0", "ntk-lap2", "nngp-lap2"]
-KEYS += [f"{k}-flip" for k in KEYS]
-# ZCA store: the cheap fc arch (the images are what is tested), 16 train + 4 test.
-ZCA = {"data": {"train": 16, "test": 4, "preprocess": "zca", "zca_epsilon": 0.1},
-       "kernel": {"archs": ["fc"], "kinds": ["ntk"], "depths": [3]},
-       "tiles": {"size": 8}, "backend": "cpu", "cluster": {"workers": 1, "threads": 1}}
-
-
-def raw_config(base, root, store, **sections):
-    raw = json.loads(json.dumps(base))
-    raw["data"]["root"], raw["store"] = str(root), str(store)
-    for section, values in sections.items():
-        raw[section].update(values)
-    return raw
-
-
-@pytest.fixture(scope="module")
-def lap_store(cifar_root, tmp_path_factory):
-    store = tmp_path_factory.mktemp("enhanced") / "lap.zarr"
-    summary_ = run(build_config(raw_config(SMALL, cifar_root, store)), progress=False)
-    assert summary_.tiles_computed == summary_.tiles_total == 5
-    assert summary_.kernels == KEYS
-    return store
-
-
-@pytest.fixture(scope="module")
-def zca_store(cifar_root, tmp_path_factory):
-    store = tmp_path_factory.mktemp("enhanced") / "zca.zarr"
-    run(build_config(raw_config(ZCA, cifar_root, store)), progress=False)
-    return store
+SMALL, KEYS = LAP_FLIP, LAP_KEYS   # the LAP / flip store's config and keys (conftest.lap_store)
+N_TRAIN = SMALL["data"]["train"]
 
 
 def test_config_keys_and_array_names():
@@ -91,18 +57,8 @@ def test_a_store_made_before_these_fields_still_resumes_and_epsilon_matters_only
         zca, to_dict(build_config({"data": {"preprocess": "zca", "zca_epsilon": 0.2}}))))
 
 
-def test_tiles_assemble_to_the_whole_block_for_every_key(lap_store):
-    images = zarr.open_array(lap_store, path="inputs/images", mode="r")[:]
-    whole = tile_kernels(images, None, archs=("gap",), max_depth=3, lap=LAP, flip=True)
-    assert sorted(whole) == sorted(KEYS)
-    for key in KEYS:
-        gram = open_gram(lap_store, key, 3).compute()
-        expected = whole[key][3 - 2]
-        scale = np.abs(expected).max()
-        np.testing.assert_allclose(gram[:N_TRAIN], expected[:N_TRAIN], rtol=1e-5, atol=1e-6 * scale)
-        np.testing.assert_allclose(gram[:, :N_TRAIN], expected[:, :N_TRAIN], rtol=1e-5, atol=1e-6 * scale)
-        assert np.isnan(gram[N_TRAIN:, N_TRAIN:]).all()
-    # the keys are different kernels, not copies of one
+def test_lap_and_flip_keys_are_different_kernels(lap_store):
+    """(The tiles of every key against the whole block: tests/test_pipeline.py, test_gram_from_tiles_...)"""
     g = {key: open_gram(lap_store, key, 3).compute()[:N_TRAIN, :N_TRAIN] for key in ("ntk-gap", "ntk-lap2",
                                                                                      "ntk-gap-flip")}
     assert not np.allclose(g["ntk-gap"], g["ntk-lap2"], rtol=1e-3)
@@ -124,15 +80,15 @@ def test_records_verify_summary_and_export_cover_every_key(lap_store, tmp_path):
     np.testing.assert_array_equal(np.load(out), open_gram(lap_store, "ntk-lap2-flip", 3).compute())
 
 
-def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store, cifar_root):
+def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store, cifar_format_root):
     before = store_snapshot(lap_store)
-    assert run(build_config(raw_config(SMALL, cifar_root, lap_store)), progress=False).tiles_computed == 0
+    assert run(build_config(raw_config(SMALL, cifar_format_root, lap_store)), progress=False).tiles_computed == 0
     for change, field in (({"lap": [0, 4]}, "kernel.lap"), ({"lap": []}, "kernel.lap"),
                           ({"flip": False}, "kernel.flip")):
         with pytest.raises(UserError, match=field):
-            run(build_config(raw_config(SMALL, cifar_root, lap_store, kernel=change)), progress=False)
+            run(build_config(raw_config(SMALL, cifar_format_root, lap_store, kernel=change)), progress=False)
     with pytest.raises(UserError, match="data.preprocess"):
-        run(build_config(raw_config(SMALL, cifar_root, lap_store, data={"preprocess": "zca"})), progress=False)
+        run(build_config(raw_config(SMALL, cifar_format_root, lap_store, data={"preprocess": "zca"})), progress=False)
     assert store_snapshot(lap_store) == before
 
 
@@ -145,12 +101,12 @@ def test_resume_recomputes_nothing_and_changed_lap_or_flip_is_refused(lap_store,
     ("data", {"zca_epsilon": 0}, ["data.zca_epsilon", "> 0"]),
     ("data", {"preprocess": "pca"}, ["data.preprocess", "standard, zca"]),
 ])
-def test_bad_settings_are_one_line_exit_2_and_leave_the_store_alone(lap_store, cifar_root, tmp_path, section,
+def test_bad_settings_are_one_line_exit_2_and_leave_the_store_alone(lap_store, cifar_format_root, tmp_path, section,
                                                                     change, words):
     before = store_snapshot(lap_store)
     for store in (lap_store, tmp_path / "new.zarr"):
         path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump(raw_config(SMALL, cifar_root, store, **{section: change})))
+        path.write_text(yaml.safe_dump(raw_config(SMALL, cifar_format_root, store, **{section: change})))
         result = CliRunner().invoke(main, ["run", str(path), "--no-progress"])
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
@@ -159,8 +115,8 @@ def test_bad_settings_are_one_line_exit_2_and_leave_the_store_alone(lap_store, c
     assert store_snapshot(lap_store) == before and not (tmp_path / "new.zarr").exists()
 
 
-def test_zca_store_holds_the_whitened_images_fitted_on_train_only(zca_store, cifar_root):
-    raw = load_cifar10(root=cifar_root, download=False)
+def test_zca_store_holds_the_whitened_images_fitted_on_train_only(zca_store, cifar_format_root):
+    raw = load_cifar10(root=cifar_format_root, download=False)
     train, test = raw["train_images"][:16], raw["test_images"][:4]
     mean, std = channel_stats(train)
     train_std, test_std = preprocess(train, mean, std), preprocess(test, mean, std)
@@ -180,12 +136,12 @@ def test_zca_store_holds_the_whitened_images_fitted_on_train_only(zca_store, cif
     assert len(zca["source_fingerprint"]) == 64
 
 
-def test_zca_resume_with_other_settings_is_refused(zca_store, cifar_root):
+def test_zca_resume_with_other_settings_is_refused(zca_store, cifar_format_root):
     before = store_snapshot(zca_store)
-    assert run(build_config(raw_config(ZCA, cifar_root, zca_store)), progress=False).tiles_computed == 0
+    assert run(build_config(raw_config(ZCA, cifar_format_root, zca_store)), progress=False).tiles_computed == 0
     for change, field in (({"zca_epsilon": 0.2}, "data.zca_epsilon"), ({"preprocess": "standard"}, "data.preprocess")):
         with pytest.raises(UserError, match=field):
-            run(build_config(raw_config(ZCA, cifar_root, zca_store, data=change)), progress=False)
+            run(build_config(raw_config(ZCA, cifar_format_root, zca_store, data=change)), progress=False)
     assert store_snapshot(zca_store) == before
 
 
@@ -193,12 +149,8 @@ def test_solve_handles_lap_and_flip_keys(lap_store, tmp_path):
     rows = solve_store(lap_store, SolveOptions(validate=False, device="cpu", scratch_dir=tmp_path),
                        kernels=["ntk-lap2-flip", "ntk-gap"])
     assert [r.kernel for r in rows] == ["ntk-gap", "ntk-lap2-flip"]
-    labels = zarr.open_array(lap_store, path="inputs/labels", mode="r")[:]
     for row in rows:   # against numpy's dense solve of the same Gram matrix
-        k = open_gram(lap_store, row.kernel, 3).compute().astype(np.float64)
-        alpha = np.linalg.solve(k[:N_TRAIN, :N_TRAIN], targets(labels[:N_TRAIN]))
-        predicted = (k[N_TRAIN:, :N_TRAIN] @ alpha).argmax(axis=1)
-        assert row.ridgeless.accuracy == np.mean(predicted == labels[N_TRAIN:])
+        assert row.ridgeless.accuracy == dense_accuracy(lap_store, row.kernel, 3, n_train=N_TRAIN)
 
 
 def test_paper_columns_never_apply_to_whitened_images():
@@ -209,7 +161,8 @@ def test_paper_columns_never_apply_to_whitened_images():
     assert "ntk-gap" in matching_columns(Protocol.from_config(config, n_train=2000, n_test=10_000))
 
 
-def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_images(zca_store, cifar_root, tmp_path):
+def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_images(zca_store, cifar_format_root,
+                                                                                   tmp_path):
     import shutil
 
     copy = tmp_path / "copy.zarr"
@@ -218,16 +171,16 @@ def test_zca_resume_tolerates_other_rounding_of_the_whitening_but_not_other_imag
     doc = json.loads(meta.read_text())
     doc["attributes"]["data_fingerprint"] = "0" * 64   # as if another machine's eigh rounded the images differently
     meta.write_text(json.dumps(doc))
-    assert run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False).tiles_computed == 0
+    assert run(build_config(raw_config(ZCA, cifar_format_root, copy)), progress=False).tiles_computed == 0
     doc["attributes"]["preprocessing"]["zca"]["source_fingerprint"] = "1" * 64   # other standardised images
     meta.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="different data"):
-        run(build_config(raw_config(ZCA, cifar_root, copy)), progress=False)
+        run(build_config(raw_config(ZCA, cifar_format_root, copy)), progress=False)
 
 
-def test_cli_lap_and_flip_override_the_config_and_are_checked_first(cifar_root, tmp_path):
+def test_cli_lap_and_flip_override_the_config_and_are_checked_first(cifar_format_root, tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw_config(SMALL, cifar_root, tmp_path / "s.zarr")))
+    path.write_text(yaml.safe_dump(raw_config(SMALL, cifar_format_root, tmp_path / "s.zarr")))
     for args, words in ((["--lap", "-1"], ["kernel.lap", "integers >= 0"]),
                         (["--archs", "vanilla", "--lap", "2"], ["kernel.lap", "'gap'"])):
         result = CliRunner().invoke(main, ["run", str(path), "--no-progress", *args])

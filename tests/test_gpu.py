@@ -9,6 +9,7 @@ import itertools
 import re
 import shutil
 import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -58,7 +59,6 @@ def test_cuda_sources_compile_for_sm80_and_sm90():
 def _tool_env():
     """Environment whose PYTHON is this interpreter (check_cuda.sh imports cntk_gram.workers.gpu with it)."""
     import os
-    import sys
     return {**os.environ, "PYTHON": sys.executable,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -74,9 +74,7 @@ def test_spill_guard_fails_when_registers_are_capped():
 
 
 def test_sass_guard_fails_when_the_launcher_count_is_off(monkeypatch):
-    import sys
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_gpu
+    from benchmarks import bench_gpu
     if bench_gpu.sass_summary() is None:
         pytest.skip("nvcc or cuobjdump/nvdisasm missing: SASS count not possible here")
     assert bench_gpu.check_sass() == 0
@@ -294,7 +292,6 @@ class _FakeKernel:
 
 def _fake_cupy(monkeypatch, kernels=None):
     """Installs a _FakeGPU as cupy / cupyx for cntk_gram.workers.gpu; returns it."""
-    import sys
     import types
     fake = _FakeGPU(kernels or {})
     monkeypatch.setitem(sys.modules, "cupy", fake.cupy())
@@ -302,6 +299,7 @@ def _fake_cupy(monkeypatch, kernels=None):
     module = fake.module()
     monkeypatch.setattr(gpu, "load_module", lambda device_id, options: module)
     monkeypatch.setattr(gpu, "_pinned", {"buffer": None})
+    monkeypatch.setattr(gpu, "_streams", {})
     return fake
 
 
@@ -364,6 +362,25 @@ def test_launcher_copies_only_the_selected_planes_with_fake_cupy(monkeypatch):
             np.testing.assert_allclose(got["ntk-gap"][i], (1000 * lo + hi + depth - 2) / 2 ** 20)
         assert [name for name, _ in fake.log].count("get") == 2 * 2
     assert fake.errors == []
+
+
+def test_streams_are_made_once_per_device_and_reused_by_every_tile(monkeypatch):
+    """CuPy's memory pool keeps freed blocks per stream: every tile (both archs, flip too) runs on the same compute and
+    upload streams, made on the first tile, so the next tile reuses the blocks the last one freed."""
+    fake = _fake_cupy(monkeypatch)
+    made = []
+    stream_factory = sys.modules["cupy"].cuda.Stream
+    monkeypatch.setattr(sys.modules["cupy"].cuda, "Stream", lambda **kw: made.append(stream_factory(**kw)) or made[-1])
+    _force_chunk(monkeypatch, 2, 4, 3, 2)
+    x, y = np.zeros((4, 32, 32, 3), np.float32), np.ones((3, 32, 32, 3), np.float32)
+    gpu.tile_kernels(x, y, archs=("gap", "vanilla"), max_depth=3)
+    assert len(made) == 2
+    first = {stream for _, stream in fake.log} - {"default", "device"}
+    fake.log.clear()
+    for yy in (y, None):
+        gpu.tile_kernels(x, yy, archs=("gap", "vanilla"), max_depth=3, flip=True)
+    assert len(made) == 2 and {stream for _, stream in fake.log} - {"default", "device"} == first
+    assert gpu._streams == {0: tuple(made)} and fake.errors == []
 
 
 def test_pair_lists_cover_every_pair_once_in_super_tiles():
@@ -858,26 +875,18 @@ def test_gpu_diagonal_tile_matches_reference(rng):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_ragged_tile_matches_reference(rng):
-    x, y = _images(rng, 3), _images(rng, 2)
-    y[1] = x[2]
-    got = gpu.tile_kernels(x, y, archs=("gap", "vanilla"), max_depth=4)
-    want = cntk_reference(x, y, max_depth=4, archs=("gap", "vanilla"))
-    assert list(got) == ["ntk-gap", "nngp-gap", "ntk-vanilla", "nngp-vanilla"]
+@pytest.mark.parametrize("n, m, max_depth, archs", [(3, 2, 4, ("gap", "vanilla")), (1, 2, 21, ("vanilla", "gap"))],
+                         ids=["ragged", "depth-21"])
+def test_gpu_tile_matches_reference(rng, n, m, max_depth, archs):
+    """A ragged n x m tile at every depth 2..max_depth (depth-21: a few pairs), one column image equal to the last
+    row image; keys in the order of `archs`."""
+    x, y = _images(rng, n), _images(rng, m)
+    y[1] = x[n - 1]
+    got = gpu.tile_kernels(x, y, archs=archs, max_depth=max_depth)
+    want = cntk_reference(x, y, max_depth=max_depth, archs=archs)
+    assert list(got) == [f"{kind}-{arch}" for arch in archs for kind in ("ntk", "nngp")]
     for key in want:
-        assert got[key].shape == (3, 3, 2)
-        _assert_close(got[key], want[key], key)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_depth_21_matches_reference(rng):
-    """All depths 2..21 for a few pairs, one of them an image with itself."""
-    x, y = _images(rng, 1), _images(rng, 2)
-    y[1] = x[0]
-    got = gpu.tile_kernels(x, y, archs=("vanilla", "gap"), max_depth=21)
-    want = cntk_reference(x, y, max_depth=21, archs=("vanilla", "gap"))
-    for key in want:
+        assert got[key].shape == (max_depth - 1, n, m)
         _assert_close(got[key], want[key], key)
 
 

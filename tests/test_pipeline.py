@@ -1,5 +1,5 @@
-"""End to end on real CIFAR images: tiles vs whole block, SIGKILL + resume, a real multi-process cluster,
-and the read-side commands (status, inspect, verify, export) on the result."""
+"""End to end on CIFAR-format images (the synthetic set of tests/_images.py): tiles vs whole block, SIGKILL + resume,
+a real multi-process cluster, and the read-side commands (status, inspect, verify, export) on the result."""
 import json
 import os
 import shutil
@@ -20,16 +20,15 @@ from cntk_gram.pipeline.data import prepare_inputs
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.run import run
 from cntk_gram.pipeline.records import read_record
-from cntk_gram.pipeline.store import all_records, open_gram, prepare_store, tile_status
+from cntk_gram.pipeline.store import all_records, array_name, open_gram, prepare_store, tile_status
 from cntk_gram.workers.backends import get_backend
 from cntk_gram.workers.reference import cntk_reference, fc_reference
 
 from cluster_procs import TileLog, wait_for_records, wait_for_workers, wait_until
+from small_stores import LAP, LAP_FLIP, PIPELINE, RF_SMALL, assert_tiles_assemble_to_whole, raw_config
 
 REPO = Path(__file__).resolve().parents[1]
-# 6 train blocks + 2 test blocks of 20 images: 33 tiles of at most 400 pairs.
-SMALL = {"data": {"train": 120, "test": 40}, "kernel": {"archs": ["vanilla"], "depths": [3, 11]},
-         "tiles": {"size": 20}, "backend": "cpu", "cluster": {"workers": 1, "threads": 1}}
+SMALL = PIPELINE   # the reference store's config (conftest.reference_store): 120 + 40 images, 33 tiles
 
 
 def subprocess_env():
@@ -37,10 +36,7 @@ def subprocess_env():
 
 
 def write_config(path, raw, *, root, store):
-    raw = json.loads(json.dumps(raw))
-    raw["data"]["root"] = str(root)
-    raw["store"] = str(store)
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw_config(raw, root, store)))
     return path
 
 
@@ -49,37 +45,63 @@ def gram_arrays(store):
     return {name: group[name][:] for name in group.attrs["layout"]["arrays"]}
 
 
-@pytest.fixture(scope="module")
-def reference_store(cifar_root, tmp_path_factory):
-    """An uninterrupted in-process run of SMALL on the embedded local cluster."""
-    store = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    raw = json.loads(json.dumps(SMALL))
-    raw["data"]["root"], raw["store"] = str(cifar_root), str(store)
-    summary = run(build_config(raw), progress=False)
-    assert summary.tiles_computed == summary.tiles_total == 33
-    return store
+def _exact_whole(images, *, archs, depths, **options):
+    """{(key, depth, None): the CPU backend's kernel of the whole block at once}."""
+    whole = get_backend("cpu").tile_kernels(images, None, archs=archs, max_depth=max(depths), **options)
+    return {(key, depth, None): stack[depth - 2] for key, stack in whole.items() for depth in depths}
 
 
-def test_gram_from_tiles_equals_whole_block(reference_store):
+def _rf_whole(images, *, config):
+    from cntk_gram.workers.rf import rf_tile_kernels
+
+    rf, kernel = config["random_features"], {k: tuple(v) for k, v in config.items() if k in ("archs", "kinds")}
+    out = {}
+    for draw in range(rf["draws"]):
+        stacks = rf_tile_kernels(images, None, depths=tuple(config["depths"]), width=rf["width"], draw=draw,
+                                 seed=rf["seed"], device="cpu", **kernel)
+        out.update({(key, depth, draw): stack[i] for key, stack in stacks.items()
+                    for i, depth in enumerate(config["depths"])})
+    return out
+
+
+# (store fixture, its config, the whole block's kernels from the images, rtol, atol as a share of the largest entry)
+WHOLE_CASES = {
+    "vanilla": ("reference_store", PIPELINE,
+                lambda x: _exact_whole(x, archs=("vanilla",), depths=PIPELINE["kernel"]["depths"]), 2e-6, 0.0),
+    "gap-lap-flip": ("lap_store", LAP_FLIP,
+                     lambda x: _exact_whole(x, archs=("gap",), depths=(3,), lap=LAP, flip=True), 1e-5, 1e-6),
+    "random-features": ("rf_store", RF_SMALL,   # the exact kernels beside every draw's
+                        lambda x: {**_exact_whole(x, archs=("vanilla", "gap"), depths=(3,)),
+                                   **_rf_whole(x, config=RF_SMALL["kernel"])}, 1e-5, 1e-6),
+}
+
+
+@pytest.mark.parametrize("case", list(WHOLE_CASES))
+def test_gram_from_tiles_equals_whole_block(case, request):
+    """Every array of a computed store (exact kernels, LAP and flip keys, each random-features draw), assembled
+    from its tiles, equals the same kernel computed on the whole block of images at once."""
+    fixture, config, whole, rtol, atol_scale = WHOLE_CASES[case]
+    store = request.getfixturevalue(fixture)
+    images = zarr.open_array(store, path="inputs/images", mode="r")[:]
+    expected = whole(images)
+    arrays = zarr.open_group(store, mode="r").attrs["layout"]["arrays"]
+    assert sorted(array_name(*key) for key in expected) == sorted(arrays)   # every stored array is compared
+    assert_tiles_assemble_to_whole(store, expected, n_train=config["data"]["train"], rtol=rtol,
+                                   atol_scale=atol_scale)
+
+
+def test_cross_tile_entry_equals_the_float64_oracle(reference_store):
+    """One train x test entry of the reference store, from two different tiles, against the brute-force oracle."""
     images = zarr.open_array(reference_store, path="inputs/images", mode="r")[:]
-    whole = get_backend("cpu").tile_kernels(images, archs=("vanilla",), max_depth=11)
-    for key in ("ntk-vanilla", "nngp-vanilla"):
-        for depth in (3, 11):
-            gram = open_gram(reference_store, key, depth).compute()
-            expected = whole[key][depth - 2]
-            np.testing.assert_allclose(gram[:120], expected[:120], rtol=2e-6, atol=0)
-            np.testing.assert_allclose(gram[:, :120], expected[:, :120], rtol=2e-6, atol=0)
-            assert np.isnan(gram[120:, 120:]).all()  # test x test not asked for
-    # and one cross-tile train x test entry against the float64 brute-force oracle
     oracle = cntk_reference(images[[25]], images[[150]], max_depth=3, archs=("vanilla",))
     gram = open_gram(reference_store, "ntk-vanilla", 3).compute()
     np.testing.assert_allclose(gram[25, 150], oracle["ntk-vanilla"][1, 0, 0], rtol=1e-5)
     np.testing.assert_allclose(gram[150, 25], oracle["ntk-vanilla"][1, 0, 0], rtol=1e-5)
 
 
-def test_gap_and_fc_tiles_match_the_oracle(cifar_root, tmp_path):
+def test_gap_and_fc_tiles_match_the_oracle(cifar_format_root, tmp_path):
     """Every arch through the pipeline on a handful of images, test x test included."""
-    raw = {"data": {"root": str(cifar_root), "train": 4, "test": 2, "test_test": True},
+    raw = {"data": {"root": str(cifar_format_root), "train": 4, "test": 2, "test_test": True},
            "kernel": {"archs": ["vanilla", "gap", "fc"], "depths": [2, 3]}, "tiles": {"size": 2},
            "backend": "cpu", "store": str(tmp_path / "gap.zarr"), "cluster": {"threads": 1}}
     summary = run(build_config(raw), progress=False)
@@ -99,9 +121,9 @@ def test_gap_and_fc_tiles_match_the_oracle(cifar_root, tmp_path):
         np.testing.assert_allclose(gram[np.ix_(rows, cols)], fc_oracle[key][1], rtol=1e-5)
 
 
-def test_sigkill_then_resume_is_bit_identical(cifar_root, reference_store, tmp_path):
+def test_sigkill_then_resume_is_bit_identical(cifar_format_root, reference_store, tmp_path):
     store = tmp_path / "killed.zarr"
-    config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
+    config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_format_root, store=store)
     command = [sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress"]
     # the embedded cluster's worker may start only KILL_AFTER tiles (tests/tile_gate.py), so the kill lands
     # part-way through the 33 tiles however fast or slow this machine is
@@ -136,14 +158,14 @@ def test_sigkill_then_resume_is_bit_identical(cifar_root, reference_store, tmp_p
         assert resumed_arrays[name].tobytes() == reference[name].tobytes()
 
 
-def test_two_slots_on_one_cpu_worker_run_tiles_at_once_and_match(cifar_root, reference_store, tmp_path):
+def test_two_slots_on_one_cpu_worker_run_tiles_at_once_and_match(cifar_format_root, reference_store, tmp_path):
     """cluster.slots 2 on the CPU backend: one worker process holds two tiles at once (each parked before its
     completion record by tests/tile_gate.py until both are there, so one slot could never get there), its numba
     kernels with 2 threads each do not clash, and the Gram is the one-slot run's, bit for bit."""
     raw = json.loads(json.dumps(SMALL))
     raw["cluster"] = {"workers": 1, "threads": 2, "slots": 2}
     store = tmp_path / "slots.zarr"
-    config = write_config(tmp_path / "c.yaml", raw, root=cifar_root, store=store)
+    config = write_config(tmp_path / "c.yaml", raw, root=cifar_format_root, store=store)
     tiles = TileLog(tmp_path)
     tiles.hold.touch()
     process = subprocess.Popen([sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress"],
@@ -167,7 +189,7 @@ def test_two_slots_on_one_cpu_worker_run_tiles_at_once_and_match(cifar_root, ref
         assert computed[name].tobytes() == reference[name].tobytes(), name
 
 
-def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store, tmp_path):
+def test_real_multiprocess_cluster_matches_local_run(cifar_format_root, reference_store, tmp_path):
     env = subprocess_env()
     scheduler_file = tmp_path / "scheduler.json"
     started = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
@@ -185,7 +207,7 @@ def test_real_multiprocess_cluster_matches_local_run(cifar_root, reference_store
                 start_new_session=True))
         wait_for_workers(address, 2, procs=started)
         store = tmp_path / "cluster.zarr"
-        config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_root, store=store)
+        config = write_config(tmp_path / "c.yaml", SMALL, root=cifar_format_root, store=store)
         result = subprocess.run([sys.executable, "-m", "cntk_gram.pipeline.cli", "run", str(config), "--no-progress",
                                  "--scheduler", address], cwd=tmp_path, env=env, capture_output=True,
                                 text=True)
@@ -253,9 +275,9 @@ def test_read_commands_and_damage_repair(reference_store, tmp_path):
                                   gram_arrays(reference_store)["gram/nngp-vanilla/depth-3"])
 
 
-def test_failing_tile_stops_with_one_line_and_keeps_finished_tiles(cifar_root, tmp_path):
+def test_failing_tile_stops_with_one_line_and_keeps_finished_tiles(cifar_format_root, tmp_path):
     store = tmp_path / "f.zarr"
-    raw = {"data": {"root": str(cifar_root), "train": 40, "test": 0}, "kernel": {"archs": ["vanilla"],
+    raw = {"data": {"root": str(cifar_format_root), "train": 40, "test": 0}, "kernel": {"archs": ["vanilla"],
            "depths": [2]}, "tiles": {"size": 20}, "backend": "cpu", "store": str(store),
            "cluster": {"threads": 1, "retries": 1, "max_in_flight": 1}}
     config = build_config(raw)

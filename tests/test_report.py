@@ -15,7 +15,8 @@ from cntk_gram.pipeline.cli import paper, solve
 from cntk_gram.pipeline.store import prepare_store
 from cntk_gram.workers.preprocess import targets
 
-PAPER_TABLES_MD = Path(__file__).resolve().parents[2] / "shared" / "docs" / "paper-tables.md"
+# the paper's tables as published (a copy of the project's shared docs/paper-tables.md, kept in the repository)
+PAPER_TABLES_MD = Path(__file__).resolve().parent / "data" / "paper-tables.md"
 N_TRAIN, N_TEST, TILE = 40, 15, 10   # test rows 40..54: a ragged last tile of 5
 
 
@@ -154,7 +155,7 @@ def test_best_kernel_is_chosen_by_validation_not_test_accuracy():
 
 
 def _paper_tables_md() -> dict[tuple[str, str], dict[int, float]]:
-    """(table, column) -> {depth: value} parsed from the shared copy of the paper's tables."""
+    """(table, column) -> {depth: value} parsed from the repository's copy of the paper's tables."""
     text = PAPER_TABLES_MD.read_text()
     parsed, table, names = {}, None, None
     for line in text.splitlines():
@@ -169,7 +170,6 @@ def _paper_tables_md() -> dict[tuple[str, str], dict[int, float]]:
     return parsed
 
 
-@pytest.mark.skipif(not PAPER_TABLES_MD.exists(), reason="the shared copy of the paper's tables is not beside this checkout")
 def test_paper_values_equal_the_published_tables():
     published = _paper_tables_md()
     assert len(published) >= 10     # the parser found both tables
@@ -207,8 +207,9 @@ def test_table_names_the_paper_column_and_prints_na_elsewhere():
     assert "n/a" in text and "incomplete" in text and "77.43" not in text
 
 
-def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
-    """`cntk paper` on 60 real CIFAR-10 images: kernel (cntk_gram.pipeline.run.run) -> solve -> report."""
+def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_format_root, tmp_path):
+    """`cntk paper` on 60 CIFAR-format images (the synthetic set): kernel (cntk_gram.pipeline.run.run) -> solve ->
+    report."""
     import yaml
 
     from cntk_gram.pipeline.store import open_gram
@@ -216,7 +217,7 @@ def test_cli_paper_runs_kernel_solve_and_report_on_cifar(cifar_root, tmp_path):
     config = tmp_path / "table1.yaml"     # the name no longer matters: 40 train / 20 test follow no paper protocol
     store = tmp_path / "cifar60.zarr"
     config.write_text(yaml.safe_dump({
-        "data": {"train": 40, "test": 20, "root": str(cifar_root)},
+        "data": {"train": 40, "test": 20, "root": str(cifar_format_root)},
         "kernel": {"archs": ["vanilla"], "kinds": ["ntk"], "depths": [3, 6]},
         "tiles": {"size": 20}, "backend": "cpu", "store": str(store),
         "cluster": {"workers": 1, "threads": 1}}))

@@ -20,33 +20,18 @@ from cntk_gram.pipeline.run import run
 from cntk_gram.pipeline.ridge import SolveOptions
 from cntk_gram.pipeline.solve import solve_store
 from cntk_gram.pipeline.store import array_name, open_gram, parse_array_name, planned_arrays
-from cntk_gram.workers.preprocess import targets
-from cntk_gram.workers.rf import rf_tile_kernels
 
 from cluster_procs import store_snapshot
+from small_stores import RF, RF_SMALL, dense_accuracy, raw_config
 
-RF = {"width": 8, "draws": 2, "seed": 3, "max_bytes": "4MiB"}
-# CIFAR-2, 8 train (2 blocks of 4) + 6 test (blocks of 4 and 2): 7 tiles, two of them diagonal, two ragged.
-SMALL = {"data": {"classes": [0, 1], "train": 8, "test": 6},
-         "kernel": {"archs": ["vanilla", "gap"], "kinds": ["ntk", "nngp"], "depths": [3],
-                    "random_features": RF},
-         "tiles": {"size": 4}, "backend": "cpu", "cluster": {"workers": 1, "threads": 1}}
-N_TRAIN = 8
+N_TRAIN = RF_SMALL["data"]["train"]
 
 
-def small_raw(root, store, **kernel):
-    raw = json.loads(json.dumps(SMALL))
-    raw["data"]["root"], raw["store"] = str(root), str(store)
-    raw["kernel"]["random_features"].update(kernel)
+def small_raw(root, store, **rf):
+    """RF_SMALL for this root and store, with the random_features block updated by `rf`."""
+    raw = raw_config(RF_SMALL, root, store)
+    raw["kernel"]["random_features"].update(rf)
     return raw
-
-
-@pytest.fixture(scope="module")
-def rf_store(cifar_root, tmp_path_factory):
-    store = tmp_path_factory.mktemp("rf") / "rf.zarr"
-    summary = run(build_config(small_raw(cifar_root, store)), progress=False)
-    assert summary.tiles_computed == summary.tiles_total == 7
-    return store
 
 
 def test_array_names_round_trip_and_old_names_keep_their_meaning():
@@ -73,25 +58,11 @@ def test_config_block_plans_every_draw_and_only_rf_archs():
     assert build_config({}).kernel.random_features is None and build_config({}).kernel.rf_keys == ()
 
 
-def test_tiles_assemble_to_the_whole_block_for_every_draw(rf_store):
-    images = zarr.open_array(rf_store, path="inputs/images", mode="r")[:]
-    draws = []
-    for draw in range(RF["draws"]):
-        whole = rf_tile_kernels(images, None, archs=("vanilla", "gap"), depths=(3,), kinds=("ntk", "nngp"),
-                                width=RF["width"], draw=draw, seed=RF["seed"], device="cpu")
-        for key, stack in whole.items():
-            gram = open_gram(rf_store, key, 3, draw).compute()
-            expected = stack[0]
-            scale = np.abs(expected).max()
-            # rows of train blocks and the columns they cover (test x test is not computed)
-            np.testing.assert_allclose(gram[:N_TRAIN], expected[:N_TRAIN], rtol=1e-5, atol=1e-6 * scale)
-            np.testing.assert_allclose(gram[:, :N_TRAIN], expected[:, :N_TRAIN], rtol=1e-5, atol=1e-6 * scale)
-            assert np.array_equal(gram[:N_TRAIN, :N_TRAIN], gram[:N_TRAIN, :N_TRAIN].T)
-            assert np.isnan(gram[N_TRAIN:, N_TRAIN:]).all()
-        draws.append(open_gram(rf_store, "rf-ntk-vanilla", 3, draw).compute()[:N_TRAIN, :N_TRAIN])
-    assert not np.allclose(draws[0], draws[1], rtol=1e-2)   # two draws are two different networks
-    exact = open_gram(rf_store, "ntk-vanilla", 3).compute()  # the exact kernel stays beside them
-    assert np.isfinite(exact[:N_TRAIN]).all()
+def test_two_draws_are_two_networks_beside_the_exact_kernel(rf_store):
+    """(The tiles of every array against the whole block: tests/test_pipeline.py, test_gram_from_tiles_...)"""
+    draws = [open_gram(rf_store, "rf-ntk-vanilla", 3, draw).compute()[:N_TRAIN, :N_TRAIN] for draw in range(2)]
+    assert not np.allclose(draws[0], draws[1], rtol=1e-2)
+    assert np.isfinite(open_gram(rf_store, "ntk-vanilla", 3).compute()[:N_TRAIN]).all()
 
 
 def test_store_records_torch_and_one_record_covers_every_array(rf_store):
@@ -105,16 +76,17 @@ def test_store_records_torch_and_one_record_covers_every_array(rf_store):
     assert record["torch"] == torch.__version__
 
 
-def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, cifar_root):
+def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, cifar_format_root):
     before = store_snapshot(rf_store)
-    summary = run(build_config(small_raw(cifar_root, rf_store)), progress=False)
+    summary = run(build_config(small_raw(cifar_format_root, rf_store)), progress=False)
     assert summary.tiles_computed == 0 and summary.tiles_done_before == 7
     # a different memory budget computes the same kernel: resuming with it is fine
-    assert run(build_config(small_raw(cifar_root, rf_store, max_bytes="8MiB")), progress=False).tiles_computed == 0
+    same_kernel = small_raw(cifar_format_root, rf_store, max_bytes="8MiB")
+    assert run(build_config(same_kernel), progress=False).tiles_computed == 0
     for change in ({"width": 16}, {"draws": 3}, {"seed": 4}):
         with pytest.raises(UserError, match=f"kernel.random_features.{next(iter(change))}"):
-            run(build_config(small_raw(cifar_root, rf_store, **change)), progress=False)
-    without = small_raw(cifar_root, rf_store)
+            run(build_config(small_raw(cifar_format_root, rf_store, **change)), progress=False)
+    without = small_raw(cifar_format_root, rf_store)
     del without["kernel"]["random_features"]
     with pytest.raises(UserError, match="kernel.random_features"):
         run(build_config(without), progress=False)
@@ -128,10 +100,10 @@ def test_resume_recomputes_nothing_and_a_changed_rf_block_is_refused(rf_store, c
     ({"widht": 8}, ["'widht'", "width, draws, seed, max_bytes"]),
     ({"max_bytes": "lots"}, ["kernel.random_features.max_bytes", "1GiB"]),
 ])
-def test_bad_rf_settings_are_one_line_exit_2_and_leave_the_store_alone(rf_store, cifar_root, tmp_path, change,
+def test_bad_rf_settings_are_one_line_exit_2_and_leave_the_store_alone(rf_store, cifar_format_root, tmp_path, change,
                                                                        words):
     before = store_snapshot(rf_store)
-    raw = small_raw(cifar_root, rf_store)
+    raw = small_raw(cifar_format_root, rf_store)
     raw["kernel"]["random_features"] = {**RF, **change}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -143,19 +115,19 @@ def test_bad_rf_settings_are_one_line_exit_2_and_leave_the_store_alone(rf_store,
     assert store_snapshot(rf_store) == before
 
 
-def test_rf_without_torch_is_refused_before_any_store_is_touched(rf_store, cifar_root, tmp_path, monkeypatch):
+def test_rf_without_torch_is_refused_before_any_store_is_touched(rf_store, cifar_format_root, tmp_path, monkeypatch):
     monkeypatch.setattr(config_module, "torch_available", lambda: False)
     before = store_snapshot(rf_store)
     for store in (rf_store, tmp_path / "new.zarr"):
         path = tmp_path / "c.yaml"
-        path.write_text(yaml.safe_dump(small_raw(cifar_root, store)))
+        path.write_text(yaml.safe_dump(small_raw(cifar_format_root, store)))
         result = CliRunner().invoke(main, ["run", str(path), "--no-progress"])
         assert result.exit_code == 2, result.output
         line = result.output.strip()
         assert "\n" not in line and "PyTorch" in line and "pip install -e .[rf]" in line, line
     assert store_snapshot(rf_store) == before and not (tmp_path / "new.zarr").exists()
     # without the block (or with it switched off, as `cntk run --no-random-features` does), torch is not needed
-    raw = small_raw(cifar_root, tmp_path / "x.zarr")
+    raw = small_raw(cifar_format_root, tmp_path / "x.zarr")
     assert build_config(raw, {"kernel.random_features": False}).kernel.random_features is None
     del raw["kernel"]["random_features"]
     assert build_config(raw).kernel.random_features is None
@@ -166,12 +138,9 @@ def test_solve_gives_a_row_per_draw_and_the_summary_is_their_median_min_max(rf_s
                        kernels=["rf-ntk-vanilla", "rf-ntk-gap", "ntk-vanilla"])
     assert [(r.kernel, r.draw) for r in rows] == [
         ("ntk-vanilla", None), ("rf-ntk-gap", 0), ("rf-ntk-gap", 1), ("rf-ntk-vanilla", 0), ("rf-ntk-vanilla", 1)]
-    labels = zarr.open_array(rf_store, path="inputs/labels", mode="r")[:]
     for row in rows:   # each per-draw accuracy against numpy's dense solve of that draw's Gram matrix
-        k = open_gram(rf_store, row.kernel, 3, row.draw).compute().astype(np.float64)
-        alpha = np.linalg.solve(k[:N_TRAIN, :N_TRAIN], targets(labels[:N_TRAIN], n_classes=2))
-        predicted = (k[N_TRAIN:, :N_TRAIN] @ alpha).argmax(axis=1)
-        assert row.ridgeless.accuracy == np.mean(predicted == labels[N_TRAIN:])
+        assert row.ridgeless.accuracy == dense_accuracy(rf_store, row.kernel, 3, n_train=N_TRAIN, n_classes=2,
+                                                        draw=row.draw)
     summaries = {s["kernel"]: s for s in rf_summaries(rows)}
     assert set(summaries) == {"rf-ntk-gap", "rf-ntk-vanilla"}
     for key, s in summaries.items():

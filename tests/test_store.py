@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
+from _images import SYNTHETIC_TEST, SYNTHETIC_TRAIN
 from cntk_gram.pipeline.config import build_config
 from cntk_gram.pipeline.data import Inputs, prepare_inputs
 from cntk_gram.pipeline.errors import UserError
@@ -145,11 +146,11 @@ def _raw_split(root, names):
     return np.array(labels), np.concatenate(images)
 
 
-def test_data_selection_and_normalisation(cifar_root):
-    config = build_config({"data": {"root": str(cifar_root), "train": 30, "test": 7, "classes": [0, 1]}})
+def test_data_selection_and_normalisation(cifar_format_root):
+    config = build_config({"data": {"root": str(cifar_format_root), "train": 30, "test": 7, "classes": [0, 1]}})
     inputs = prepare_inputs(config.data)
-    train_labels, train_raw = _raw_split(cifar_root, [f"data_batch_{b}" for b in range(1, 6)])
-    test_labels, _ = _raw_split(cifar_root, ["test_batch"])
+    train_labels, train_raw = _raw_split(cifar_format_root, [f"data_batch_{b}" for b in range(1, 6)])
+    test_labels, _ = _raw_split(cifar_format_root, ["test_batch"])
     expected_train = np.flatnonzero(np.isin(train_labels, [0, 1]))[:30]
     expected_test = np.flatnonzero(np.isin(test_labels, [0, 1]))[:7]
     np.testing.assert_array_equal(inputs.index, np.concatenate([expected_train, expected_test]))
@@ -163,7 +164,7 @@ def test_data_selection_and_normalisation(cifar_root):
     pixel = train_raw[expected_train[3]].reshape(3, 32, 32)[:, 5, 7] / 255.0
     np.testing.assert_allclose(inputs.images[3, 5, 7] * inputs.std + inputs.mean, pixel, atol=1e-6)
 
-    explicit = prepare_inputs(build_config({"data": {"root": str(cifar_root), "train_index": [9, 2, 4],
+    explicit = prepare_inputs(build_config({"data": {"root": str(cifar_format_root), "train_index": [9, 2, 4],
                                                      "test_index": [5]}}).data)
     np.testing.assert_array_equal(explicit.index, [9, 2, 4, 5])
 
@@ -177,7 +178,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
         prepare_inputs(too_many.data)
 
 
-def test_download_checks_md5_then_unpacks(cifar_root, tmp_path, monkeypatch):
+def test_download_checks_md5_then_unpacks(cifar_format_root, tmp_path, monkeypatch):
     """The download path, fed a local archive in the official layout instead of the network."""
     import hashlib
     import tarfile
@@ -187,13 +188,14 @@ def test_download_checks_md5_then_unpacks(cifar_root, tmp_path, monkeypatch):
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-        tar.add(Path(cifar_root) / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        tar.add(Path(cifar_format_root) / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_URL", archive.as_uri())
     with pytest.raises(UserError, match="expected c58f30108f718f92721af3b95e74349a"):
         cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "first")
     monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     loaded = cntk_gram.pipeline.data.load_cifar10(root=tmp_path / "second")
-    assert loaded["train_images"].shape == (50000, 32, 32, 3) and loaded["test_labels"].shape == (10000,)
+    assert loaded["train_images"].shape == (SYNTHETIC_TRAIN, 32, 32, 3)
+    assert loaded["test_labels"].shape == (SYNTHETIC_TEST,)
     assert (tmp_path / "second" / "cifar-10-batches-py" / "test_batch").exists()
 
 

@@ -63,12 +63,15 @@ LAP_INSTR_PER_ENTRY_LAYER = {1: 56, 3: 56}
 
 _device_id = None
 _device_lock = threading.Lock()
+_streams = {}                                  # device id -> (compute, upload) streams of this process
 
 
 def compile_options(options=DEFAULT_OPTIONS) -> tuple[str, ...]:
     """NVRTC / nvcc flags for cntk_tile.cu: C++17, flush-to-zero float32 and one -DNAME=value per option (a tuple of
-    (name, int) pairs). -ftz=true is explicit because NVRTC's default differs between CuPy versions; the SASS count
-    (INSTR_PER_ENTRY_LAYER) and the timings must come from the same code."""
+    (name, int) pairs). -ftz=true: NVRTC and nvcc both default to -ftz=false, which scales the operand of each
+    MUFU.RSQ around denormals, about two more instructions per entry-layer (52 / 49 instead of 50 / 47, docs/gpu.md). The
+    launcher (NVRTC) and .ci/check_cuda.sh's SASS count (nvcc) use these same flags, so INSTR_PER_ENTRY_LAYER counts
+    the code that runs."""
     return ("-std=c++17", "-ftz=true") + tuple(f"-D{name}={int(value)}" for name, value in options)
 
 
@@ -209,6 +212,16 @@ def load_module(device_id: int, options: tuple[str, ...]):
     return module
 
 
+def device_streams(device_id: int):
+    """The (compute, upload) CUDA streams of `device_id`, created once for the process (call with _device_lock held
+    and the device current). CuPy's memory pool keeps a freed block for the stream it was allocated on: with new
+    streams per tile, a tile's blocks (~0.9 GB for a 1000 x 1000 CNTK-V tile) could never be reused by the next."""
+    import cupy
+    if device_id not in _streams:
+        _streams[device_id] = (cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True))
+    return _streams[device_id]
+
+
 def free_device_bytes(device_id: int) -> int:
     """Free device memory plus what CuPy's pool holds unused."""
     import cupy
@@ -297,7 +310,7 @@ def _conv_tile(x, y, *, arch: str, layers: int, depths, kinds, lap=(), flip: boo
                          slots=slots, shape=image_shape)
         runner = _TileRunner(module, arch=arch, layers=layers, pairs_per_launch=plan.pairs_per_launch,
                              shape=(n, m), mirror=diagonal, columns_are_rows=diagonal and not flip, lap=lap,
-                             image_shape=image_shape)
+                             image_shape=image_shape, streams=device_streams(device_id))
         result = runner.run(x, y_host, same_images(x, y_host), subtiles(n, m, plan.chunk, diagonal=diagonal),
                             slots=wanted, layers=layer_index)
     return {names[s]: result[k] for k, s in enumerate(wanted)}
@@ -319,14 +332,15 @@ def _pinned_buffer(shape, dtype):
 class _TileRunner:
     """One architecture's kernels over the sub-tiles of one tile (module docstring and docs/gpu.md, "Host side").
 
-    Streams: `upload` copies a sub-tile's inputs from pinned host memory; `compute` waits for that upload's event,
-    then runs diag_maps, the tile kernel and scatter_pairs into `result` (2, layers, n, m) float32. A sub-tile's
-    device and pinned buffers are dropped only after the host has waited for its compute event, so the memory pool
-    never hands them out while a kernel or copy still uses them.
+    Streams (the device's pair, `device_streams`, the same for every tile): `upload` copies a sub-tile's inputs from
+    pinned host memory; `compute` waits for that upload's event, then runs diag_maps, the tile kernel and
+    scatter_pairs into `result` (2, layers, n, m) float32. A sub-tile's device and pinned buffers are dropped only
+    after the host has waited for its compute event, so the memory pool never hands them out while a kernel or copy
+    still uses them; the next tile reuses them from the pool on the same streams.
     """
 
-    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror, columns_are_rows=None, lap=(),
-                 image_shape=DEFAULT_SHAPE):
+    def __init__(self, module, *, arch, layers, pairs_per_launch, shape, mirror, streams, columns_are_rows=None,
+                 lap=(), image_shape=DEFAULT_SHAPE):
         import cupy
         self.cupy = cupy
         self.kernel = module.get_function(KERNEL_NAMES[arch])
@@ -343,8 +357,7 @@ class _TileRunner:
         self.warps = dict(DEFAULT_OPTIONS)["WARPS_PER_BLOCK"]
         per_cuda_block = self.warps * dict(DEFAULT_OPTIONS)["BLOCKS_PER_WARP"]
         self.gap_chunks = -(-pixels // per_cuda_block)   # GAP_CHUNKS of cntk_tile.cu
-        self.compute = cupy.cuda.Stream(non_blocking=True)
-        self.upload = cupy.cuda.Stream(non_blocking=True)
+        self.compute, self.upload = streams
         with self.compute:
             self.result = cupy.zeros((self.slots, layers) + tuple(shape), cupy.float32)
             self.sums = cupy.empty((self.batch, layers, self.slots), cupy.float64)
