@@ -174,8 +174,7 @@ def _show_plan(config, as_json: bool) -> None:
     """--dry-run: the run's cost (tiles, pairs, bytes, free disk); an Error line and exit 2 when it cannot fit."""
     import dataclasses
 
-    from cntk_gram.pipeline.plan import check_disk
-    from cntk_gram.pipeline.run import describe_cost, dry_run
+    from cntk_gram.pipeline.run import check_disk, describe_cost, dry_run
 
     cost = dry_run(config)
     if as_json:
