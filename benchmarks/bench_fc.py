@@ -107,6 +107,7 @@ def main():
     parser.add_argument("--cifar-root", default=os.environ.get("CNTK_CIFAR_ROOT"))
     parser.add_argument("--out", default="fc-kernel", help="result name under benchmarks/results/")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     x, y, source = images(args.n, args.cifar_root)
     depths = [int(d) for d in args.depths.split(",")]
     ref = fc_closed_form(x, y, max_depth=max(depths))
@@ -123,7 +124,8 @@ def main():
     except ImportError:
         nt_version = None
     path = write_result(args.out, {"cpu": cpu_info(), "images": source, "n": args.n, "neural_tangents": nt_version,
-                                   "gemm": gemm, "runs": rows})
+                                   "gemm": gemm, "runs": rows,
+                                   "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}})
     print(f"{'depth':>5} {'ours M/s':>9} {'numpy M/s':>9} {'NT M/s':>8} {'x numpy':>8} {'x NT':>6} {'err ours':>9} "
           f"{'err NT':>8} {'gemm %':>6}")
     for r in rows:
