@@ -1,6 +1,6 @@
 """The Zarr v3 store: inputs, one float32 N x N array per kernel and depth, per-tile completion records.
 
-Layout (a user-facing contract; see README "Store contract"):
+Layout (a user-facing contract; see docs/store.md):
 
     inputs/images  float32 (N, 32, 32, 3)  preprocessed (standardised, or ZCA-whitened), chunks of `tile` rows
     inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test

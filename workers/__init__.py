@@ -31,7 +31,7 @@ def kernel_block(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, ba
     """Kernel values for every pair (x[a], y[b]) and every depth 2..max_depth, in one pass.
 
     x: (n, P, Q, C), y: (m, P, Q, C) or None (the Gram of x with itself). backend: "auto", "cpu" or "gpu" (GPU needs
-    32x32 images). dtype (CPU only): float32 (fast) or float64. Returns {"{kind}-{arch}": (max_depth-1, n, m)}.
+    images up to 32x32 with 1..32 channels). dtype (CPU only): float32 (fast) or float64. Returns {"{kind}-{arch}": (max_depth-1, n, m)}.
     lap, flip: LAP(c) readouts and flip-averaged kernels (both backends), keys in docs/enhanced.md.
     depths, kinds: return only these depths (stack index i holds depths[i]) and kinds ("ntk", "nngp"); None = all.
     Raises ValueError naming the problem for bad shapes, non-finite pixels, depth < 2 or an unknown architecture.
