@@ -116,7 +116,7 @@ def cifar_format_root(tmp_path_factory) -> Path:
 def reference_store(cifar_format_root, tmp_path_factory) -> Path:
     """An uninterrupted in-process run of small_stores.PIPELINE on the embedded local cluster (33 tiles)."""
     store = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    assert small_stores.compute(small_stores.PIPELINE, cifar_format_root, store)["tiles_total"] == 33
+    assert small_stores.compute(small_stores.PIPELINE, cifar_format_root, store).tiles_total == 33
     return store
 
 
@@ -142,7 +142,7 @@ def rf_store(cifar_format_root, tmp_path_factory) -> Path:
     """small_stores.RF_SMALL computed: exact and random-features kernels on CIFAR-2 (7 tiles); needs PyTorch."""
     pytest.importorskip("torch", reason="random features need PyTorch (pip install -e .[rf])")
     store = tmp_path_factory.mktemp("rf") / "rf.zarr"
-    assert small_stores.compute(small_stores.RF_SMALL, cifar_format_root, store)["tiles_total"] == 7
+    assert small_stores.compute(small_stores.RF_SMALL, cifar_format_root, store).tiles_total == 7
     return store
 
 
