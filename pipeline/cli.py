@@ -54,7 +54,8 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(package_name="cntk-gram")
 def main():
-    """Exact convolutional neural tangent kernels on CIFAR-10, as a tiled, resumable Gram matrix."""
+    """Exact convolutional neural tangent kernels on CIFAR-10 (or CIFAR-100, SVHN, your own arrays), as a tiled,
+    resumable Gram matrix."""
 
 
 # --- option parsing -------------------------------------------------------------------------------
@@ -109,7 +110,9 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--store", help="Store path (overrides `store`).")
-@click.option("--data-root", help="Directory holding cifar-10-batches-py/ (overrides data.root).")
+@click.option("--data-root", help="Directory holding the source's official files, e.g. cifar-10-batches-py/ "
+                                  "(overrides data.root).")
+@click.option("--data-path", help="An arrays source's .npz file or Zarr group (overrides data.path).")
 @click.option("--train", type=int, help="First N training images (overrides data.train).")
 @click.option("--test", type=int, help="First N test images (overrides data.test).")
 @click.option("--tile-size", type=int, help="Tile edge in images; must divide the training count.")
@@ -135,7 +138,7 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
 @json_option("store, backend, kernels, depths, n_train, n_test, tile, tiles_total, tiles_done_before, "
              "tiles_damaged, tiles_computed, pairs_computed, wall_seconds")
-def run(config_file, store, data_root, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
+def run(config_file, store, data_root, data_path, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
         backend, scheduler, scheduler_file, workers, threads, slots, max_in_flight, retries, progress,
         trust_records, dry_run, as_json):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
@@ -145,7 +148,7 @@ def run(config_file, store, data_root, train, test, tile_size, archs, kinds, dep
     from cntk_gram.pipeline.run import run as run_config
 
     overrides = {
-        "store": store, "data.root": data_root, "data.train": train, "data.test": test,
+        "store": store, "data.root": data_root, "data.path": data_path, "data.train": train, "data.test": test,
         "tiles.size": tile_size, "kernel.archs": _names(archs), "kernel.kinds": _names(kinds),
         "kernel.depths": _ints(depths), "kernel.lap": _ints(lap), "kernel.flip": flip,
         "kernel.random_features": False if no_random_features else None,

@@ -5,6 +5,7 @@ The YAML users write (every key optional except where noted):
     data:    {source: cifar10, root: DIR, train: 2000, test: 2000, classes: [0, 1],
               train_index: [...], test_index: [...], test_test: false, download: true,
               preprocess: standard, zca_epsilon: 0.1}        # preprocess: standard | zca (docs/enhanced.md)
+             # source: cifar10 | cifar100 (label: fine | coarse) | svhn | arrays (path: FILE.npz or a Zarr group)
     kernel:  {archs: [vanilla, gap], kinds: [ntk, nngp], depths: [3, 4, 6, 11, 21],
               lap: [2, 4, 8], flip: false,                   # LAP(c) readouts (need gap), flip-averaged kernels
               random_features: {width: 128, draws: 10, seed: 0, max_bytes: 1GiB}}   # optional; needs torch
@@ -32,9 +33,16 @@ from cntk_gram.workers.enhanced import check_lap
 from cntk_gram.workers.preprocess import check_zca_epsilon
 from cntk_gram.workers.vocab import ARCHS, BACKEND_CHOICES, KINDS, MAX_LAP, RF_ARCHS, output_keys, rf_keys
 
-SOURCES = ("cifar10",)
+SOURCES = ("cifar10", "cifar100", "svhn", "arrays")
+# Images per split of each source with a fixed size (an arrays source is checked when its file is read).
+SOURCE_SPLITS = {"cifar10": {"train": 50_000, "test": 10_000}, "cifar100": {"train": 50_000, "test": 10_000},
+                 "svhn": {"train": 73_257, "test": 26_032}}
+# Classes of each source (an arrays source: whatever its labels hold); cifar100 by data.label.
+SOURCE_CLASSES = {"cifar10": 10, "cifar100:fine": 100, "cifar100:coarse": 20, "svhn": 10}
+CIFAR100_LABELS = ("fine", "coarse")
 N_CLASSES = 10
-SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+SPLIT_SIZES = SOURCE_SPLITS["cifar10"]
+UNBOUNDED = 2**62   # an arrays source's counts, indices and classes are bounded only by its file
 PREPROCESS = ("standard", "zca")
 
 
@@ -57,6 +65,9 @@ class RandomFeaturesConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """Which images. `train`/`test`: first N of each split (after class filtering); None = all.
+    source: cifar10 | cifar100 | svhn (official files under root, downloaded when absent and download is true)
+    | arrays (path: an .npz file or a Zarr group holding x_train, y_train, x_test, y_test). label: cifar100 only,
+    "fine" (100 classes, the default) or "coarse" (20 superclasses); None for every other source.
     preprocess: "standard" (the paper's per-channel standardisation) or "zca" (then ZCA whitening fitted on the
     selected training images, regulariser zca_epsilon * mean eigenvalue; zca_epsilon is ignored for "standard")."""
     source: str = "cifar10"
@@ -70,6 +81,8 @@ class DataConfig:
     download: bool = True
     preprocess: str = "standard"
     zca_epsilon: float = 0.1
+    label: str | None = None
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +148,11 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "kernel": KernelConfig, "tiles": TileConfig, "cluster": ClusterConfig}
 # Fields that do not change any computed number: ignored when a store's config is compared on resume.
-NON_RESULT_FIELDS = ("data.root", "data.download", "backend", "store", "cluster", "kernel.random_features.max_bytes")
+# data.path is where an arrays source lies, like data.root: what it holds is the store's source fingerprint.
+NON_RESULT_FIELDS = ("data.root", "data.download", "data.path", "backend", "store", "cluster",
+                     "kernel.random_features.max_bytes")
 # Fields added after stores were first made: a store's config without them means these values.
-ABSENT_MEANS = {"kernel.lap": [], "kernel.flip": False, "data.preprocess": "standard"}
+ABSENT_MEANS = {"kernel.lap": [], "kernel.flip": False, "data.preprocess": "standard", "data.label": None}
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -228,11 +243,26 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
 
 def _data(raw: dict) -> DataConfig:
     source = _choice("data.source", raw.get("source", "cifar10"), SOURCES)
-    classes = _int_list("data.classes", raw.get("classes"), low=0, high=N_CLASSES - 1)
+    label = raw.get("label")
+    if source == "cifar100":
+        label = _choice("data.label", "fine" if label is None else label, CIFAR100_LABELS)
+    elif label is not None:
+        raise UserError(f"data.label: only for source cifar100 (fine or coarse), not for source {source}; drop it")
+    path = raw.get("path")
+    if source == "arrays":
+        if path is None:
+            raise UserError("data.path: source arrays needs data.path, an .npz file or a Zarr group holding "
+                            "x_train, y_train, x_test, y_test (or give --data-path)")
+        path = _str("data.path", path)
+    elif path is not None:
+        raise UserError(f"data.path: only for source arrays; source {source} reads data.root")
+    n_classes = SOURCE_CLASSES.get(source if label is None else f"{source}:{label}", UNBOUNDED)
+    classes = _int_list("data.classes", raw.get("classes"), low=0, high=n_classes - 1)
     if classes is not None and len(set(classes)) != len(classes):
         raise UserError(f"data.classes: repeated class in {list(classes)}")
     counts, indexes = {}, {}
-    for split, size in SPLIT_SIZES.items():
+    for split in ("train", "test"):
+        size = SOURCE_SPLITS.get(source, {}).get(split, UNBOUNDED)
         counts[split] = _int(f"data.{split}", raw.get(split), low=0 if split == "test" else 1,
                              high=size, optional=True)
         indexes[split] = _int_list(f"data.{split}_index", raw.get(f"{split}_index"), low=0, high=size - 1)
@@ -255,6 +285,7 @@ def _data(raw: dict) -> DataConfig:
         download=_bool("data.download", raw.get("download", True)),
         preprocess=_choice("data.preprocess", raw.get("preprocess", DataConfig.preprocess), PREPROCESS),
         zca_epsilon=_zca_epsilon(raw.get("zca_epsilon", DataConfig.zca_epsilon)),
+        label=label, path=path,
     )
 
 

@@ -81,6 +81,7 @@ class Protocol:
     first_images: bool = True          # False when explicit index lists chose the images
     rf_width: int | None = None        # random-features network width, when the store has random features
     preprocess: str = "standard"       # "zca": whitened images, which the paper never used
+    source: str = "cifar10"            # data.source: the paper measured CIFAR-10 only
 
     @classmethod
     def from_config(cls, config: dict, *, n_train: int, n_test: int) -> "Protocol":
@@ -91,20 +92,22 @@ class Protocol:
         rf = (config.get("kernel") or {}).get("random_features") or {}
         return cls(n_train=n_train, n_test=n_test, classes=tuple(sorted(classes)) if classes else None,
                    first_images=not explicit, rf_width=rf.get("width"),
-                   preprocess=data.get("preprocess") or "standard")
+                   preprocess=data.get("preprocess") or "standard", source=data.get("source") or "cifar10")
 
     def describe(self) -> str:
         classes = "all classes" if self.classes is None else f"classes {list(self.classes)}"
         chosen = "first images of each split" if self.first_images else "explicit image indices"
         whitened = ", ZCA-whitened" if self.preprocess == "zca" else ""
-        return f"{self.n_train:,} train / {self.n_test:,} test, {classes}, {chosen}{whitened}"
+        source = "" if self.source == "cifar10" else f"source {self.source}, "
+        return f"{source}{self.n_train:,} train / {self.n_test:,} test, {classes}, {chosen}{whitened}"
 
 
 def matching_columns(protocol: Protocol | None) -> dict[str, PaperColumn]:
     """Kernel key -> the paper column measured under exactly this protocol (none for other protocols; the
     random-features columns also need the paper's network width when the store's width is known; ZCA-whitened
-    images match none: the paper standardised only)."""
-    if protocol is None or not protocol.first_images or protocol.preprocess != "standard":
+    images match none: the paper standardised only; a source other than CIFAR-10 matches none)."""
+    if (protocol is None or not protocol.first_images or protocol.preprocess != "standard"
+            or protocol.source != "cifar10"):
         return {}
     other_width = protocol.rf_width is not None and protocol.rf_width != PAPER_RF_WIDTH
     return {column.kernel: column for column in COLUMNS

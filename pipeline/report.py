@@ -210,20 +210,32 @@ def plot_accuracy_vs_depth(rows: list[dict], path: Path, *, title: str, columns:
     return path
 
 
-def plot_confusion(counts: np.ndarray, path: Path, *, title: str) -> Path:
-    """counts: (C, C) int, rows = true class."""
+def class_names(n: int, source: str | None = "cifar10") -> list[str]:
+    """Tick labels of a confusion plot: CIFAR-10's class names for that source (and for a store of unknown source,
+    as before sources existed), else the class numbers (SVHN's are the digits)."""
+    if source in ("cifar10", None) and n <= len(CIFAR10_CLASSES):
+        return list(CIFAR10_CLASSES[:n])
+    return [str(i) for i in range(n)]
+
+
+def plot_confusion(counts: np.ndarray, path: Path, *, title: str, names: list[str] | None = None) -> Path:
+    """counts: (C, C) int, rows = true class. names: tick labels (default class_names(C)); beyond 20 classes the
+    cells carry no numbers and every k-th class is labelled (CIFAR-100: 100 x 100 cells)."""
     counts = np.asarray(counts)
     n = counts.shape[0]
-    names = CIFAR10_CLASSES[:n] if n <= 10 else [str(i) for i in range(n)]
+    names = class_names(n) if names is None else list(names)
     fig = Figure(figsize=(6, 5.4))
     ax = fig.add_subplot()
     ax.imshow(counts, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if counts[i, j] > counts.max() / 2 else "black")
-    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if counts[i, j] > counts.max() / 2 else "black")
+    step = max(1, -(-n // 20))
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=8)
@@ -289,8 +301,9 @@ def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | 
         how = "validation accuracy" if chosen_by == "validated" else "test accuracy (no validation run)"
         summary["best"] = {"kernel": best["kernel"], "depth": best["depth"], "setting": chosen_by, "chosen_by": how}
         draw = "" if best.get("draw") is None else f" draw {best['draw']}"
+        counts = setting["confusion"]
         paths["confusion_plot"] = plot_confusion(
-            setting["confusion"], out / "confusion_best.png",
+            counts, out / "confusion_best.png", names=class_names(len(counts), protocol and protocol.source),
             title=f"{best['kernel']}{draw} depth {best['depth']}, λ={setting['lambda']:g}: "
                   f"{100 * setting['accuracy']:.2f}% (chosen by {summary['best']['chosen_by']})")
         lines += [f"Best kernel (by {summary['best']['chosen_by']}): {best['kernel']} depth {best['depth']}.", ""]

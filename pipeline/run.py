@@ -66,6 +66,7 @@ def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
     if known_train is not None:
         check_tile_size(n_train=known_train, size=config.tiles.size)
     inputs = prepare_inputs(config.data)
+    check_image_shape(config, inputs.images.shape[1:])
     check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
     if not check_existing(config.store, config):  # a new store: the whole plan and the inputs must fit
         whole = plan_cost(config, inputs, todo=None)
@@ -79,6 +80,21 @@ def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
     cost = plan_cost(config, inputs, todo=todo)
     check_disk(cost, config.store)
     return PreparedRun(inputs=inputs, planned=planned, done=done, damaged=damaged, todo=todo, cost=cost)
+
+
+def check_image_shape(config: RunConfig, shape: tuple[int, ...]) -> None:
+    """Refuse, before the store is made, images the configured kernels cannot take: LAP sizes beyond the image
+    (kernel.lap c <= max(H, W)) and, with backend gpu, images beyond the GPU kernels' limits (any size runs on the
+    CPU). One UserError naming the shape and what is allowed."""
+    from cntk_gram.workers.enhanced import check_lap
+    from cntk_gram.workers.gpu import check_image_shape as gpu_shape
+
+    try:
+        check_lap(config.kernel.lap, config.kernel.archs, tuple(shape))
+        if config.backend == "gpu":
+            gpu_shape(tuple(shape))
+    except ValueError as exc:
+        raise UserError(f"images of shape {tuple(shape)} (H, W, C): {exc}") from None
 
 
 def plan_cost(config: RunConfig, inputs: Inputs, *, todo) -> RunCost:
@@ -216,6 +232,7 @@ def dry_run(config: RunConfig) -> RunCost:
     recorded for an existing one (its checksums are not re-read). Loads the data to know the image counts."""
     exists = check_existing(config.store, config)
     inputs = prepare_inputs(config.data)
+    check_image_shape(config, inputs.images.shape[1:])
     check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
     todo = None
     if exists:

@@ -2,7 +2,7 @@
 
 Layout (a user-facing contract; see docs/store.md):
 
-    inputs/images  float32 (N, 32, 32, 3)  preprocessed (standardised, or ZCA-whitened), chunks of `tile` rows
+    inputs/images  float32 (N, H, W, C)  (CIFAR: (N, 32, 32, 3)) preprocessed (standardised, or ZCA-whitened), chunks of `tile` rows
     inputs/labels  int64 (N,)   inputs/index int64 (N,)   inputs/split int8 (N,) 0 = train, 1 = test
     gram/{key}/depth-{D}          float32 (N, N), chunks (tile, tile), fill NaN, crc32c codec;
                                   only chunks (I, J) with I <= J are written. key: an output key of the tile
@@ -13,7 +13,9 @@ Layout (a user-facing contract; see docs/store.md):
     tiles/done/{I}-{J}            completion record (cntk_gram.pipeline.records)
     attrs: config, data_fingerprint, version, layout {n_train, n_test, tile, test_test, arrays},
            preprocessing {mean, std, zca (only with data.preprocess zca: epsilon, source_fingerprint,
-           mean_sha256, matrix_sha256)}, random_features {torch, width, draws, seed} (only with random features)
+           mean_sha256, matrix_sha256)}, random_features {torch, width, draws, seed} (only with random features),
+           source {name, label (cifar100: fine | coarse, else null), files {file name: {bytes, sha256}},
+           image_shape [H, W, C]} (stores made before sources existed have none)
 
 A record is written atomically after every chunk of its tile; it holds the crc32c of each chunk's
 decoded float32 bytes, so a damaged or missing chunk is detected and the tile recomputed on resume.
@@ -36,7 +38,7 @@ from dask.highlevelgraph import HighLevelGraph
 from zarr.codecs import Crc32cCodec
 
 from cntk_gram.pipeline.config import RunConfig, config_differences, to_dict
-from cntk_gram.pipeline.data import Inputs, fingerprint
+from cntk_gram.pipeline.data import Inputs, fingerprint, source_differences
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.plan import block_bounds, plan_tiles
 from cntk_gram.pipeline.records import RECORDS, read_record, record_complete, write_record
@@ -114,10 +116,18 @@ def prepare_store(store_path: str | Path, *, config: RunConfig, inputs: Inputs) 
     digest = fingerprint(inputs)
     if check_existing(path, config):
         attrs = _attrs(path)
+        stored_source = attrs.get("source")
+        if stored_source is not None and inputs.source is not None:
+            differences = source_differences(stored_source, inputs.source)
+            if differences:
+                raise UserError(f"store {path} was made from different data, other source files "
+                                f"({'; '.join(differences)}); "
+                                f"point data.root / data.path at the files it was made from, or use another "
+                                f"store path")
         stored = attrs["data_fingerprint"]
         if stored != digest and not _same_zca_source(attrs, inputs):
             raise UserError(f"store {path} was made from different data (fingerprint {stored[:12]} vs "
-                            f"{digest[:12]} now: the CIFAR-10 files under data.root differ); use another store path")
+                            f"{digest[:12]} now: the {_source_name(attrs)} files differ); use another store path")
         return
     try:
         _create(path, config=config, inputs=inputs, digest=digest)
@@ -125,6 +135,11 @@ def prepare_store(store_path: str | Path, *, config: RunConfig, inputs: Inputs) 
         if (path / "zarr.json").exists():  # another client created it first: check theirs instead
             return prepare_store(store_path, config=config, inputs=inputs)
         raise UserError(f"cannot create store at {path}: {exc.strerror or exc}") from None
+
+
+def _source_name(attrs: dict) -> str:
+    source = (attrs.get("source") or {}).get("name") or attrs["config"].get("data", {}).get("source", "cifar10")
+    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "arrays": "arrays"}.get(source, source)
 
 
 def _same_zca_source(attrs: dict, inputs: Inputs) -> bool:
@@ -144,7 +159,7 @@ def _create(path: Path, *, config: RunConfig, inputs: Inputs, digest: str) -> No
     try:
         group = zarr.open_group(tmp, mode="w-", zarr_format=3)
         n = len(inputs.labels)
-        group.create_array("inputs/images", data=inputs.images, chunks=(t, 32, 32, 3),
+        group.create_array("inputs/images", data=inputs.images, chunks=(t, *inputs.images.shape[1:]),
                            compressors=[Crc32cCodec()])
         for name in ("labels", "index", "split"):
             group.create_array(f"inputs/{name}", data=getattr(inputs, name), compressors=[Crc32cCodec()])
@@ -161,6 +176,8 @@ def _create(path: Path, *, config: RunConfig, inputs: Inputs, digest: str) -> No
             "layout": {"n_train": inputs.n_train, "n_test": inputs.n_test, "tile": t,
                        "test_test": config.data.test_test, "arrays": planned_arrays(config)},
         })
+        if inputs.source is not None:
+            group.attrs.update({"source": inputs.source})
         rf = config.kernel.random_features
         if rf is not None:  # each tile record also names the torch version of the worker that computed it
             group.attrs.update({"random_features": {"torch": torch_version(), "width": rf.width,
