@@ -43,7 +43,7 @@ def test_missing_data(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setattr(cntk_gram.pipeline.data, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
-    fails_with_one_line(["run", config_file(tmp_path, root=empty)], "no CIFAR-10 under", "download")
+    fails_with_one_line(["run", config_file(tmp_path, root=empty)], "no CIFAR-10 at", "download")
     no_download = {**TINY["data"], "download": False}
     fails_with_one_line(["run", config_file(tmp_path, root=empty, data=no_download)], "data.download")
     assert not (tmp_path / "g.zarr").exists()
