@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from _images import cifar_images
+from gap_blocks import block_sums
 from cntk_gram.workers import gpu
 from cntk_gram.workers.reference import _layer_covariances, cntk_pair, cntk_reference, tr_d
 from cntk_gram.workers.vocab import gpu_unavailable_reason
@@ -696,27 +697,6 @@ def test_emulated_scatter_places_pairs_into_the_tile_result(emulator, rng):
             _assert_close(got[k, :, 1 + b, 1 + a], ref, f"{kind} mirrored {b},{a}")
 
 
-def _lap_block_sums(x, a, b, layers, displacement_blocks, lap):
-    """float64 brute force of what the LAP build's GAP kernel sums over the given displacement blocks: per layer,
-    [ntk, nngp, then ntk, nngp of each c], every entry weighted by w_c of its true displacement (p' - p, computed
-    here from the unwrapped positions, not from the kernel's cut-line rule)."""
-    i, j = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
-    want = np.zeros((layers, 2 + 2 * len(lap)))
-    theta = None
-    for h, k, kdot, sigma in _layer_covariances(x[a].astype(np.float64), x[b].astype(np.float64), layers):
-        theta = np.zeros_like(sigma) if h == 1 else theta
-        for ci, cj in displacement_blocks:
-            i2, j2 = (i + ci) % 32, (j + cj) % 32
-            entries = (i, j, i2, j2)
-            values = ((kdot * theta)[entries], k[entries])
-            want[h - 1, :2] += [v.sum() for v in values]
-            for r, c in enumerate(lap):
-                w = np.maximum(1 - np.abs(i2 - i) / (2 * c + 1), 0) * np.maximum(1 - np.abs(j2 - j) / (2 * c + 1), 0)
-                want[h - 1, 2 + 2 * r:4 + 2 * r] += [(w * v).sum() for v in values]
-        theta = tr_d(kdot * theta + k)
-    return want
-
-
 def test_emulated_lap_kernel_blocks_match_reference(emulator, lap_emulator, rng):
     """The LAP build's GAP kernel on the host (LAP_SIZES = 0, 1, 5), CUDA blocks whose displacement blocks have
     ci = 0 (no row cut), 15, 31 (cut after the first row) and cj = 0..7 (no column cut at cj = 0), 24..31 (cut at the
@@ -732,7 +712,7 @@ def test_emulated_lap_kernel_blocks_match_reference(emulator, lap_emulator, rng)
         assert out.shape == (layers, 2 + 2 * len(LAP_SIZES))
         plain = emulator(x, [(a, b)], [same], layers=layers, mode="gap", blocks=cuda_blocks)[0]
         assert np.array_equal(out[:, :2], plain), "GAP sums of the LAP build differ from the plain build"
-        want = _lap_block_sums(x, a, b, layers, displacement_blocks, LAP_SIZES)
+        want = block_sums(x[a], x[b], layers, displacement_blocks, LAP_SIZES, (32, 32, 3))
         for r, c in enumerate(LAP_SIZES):
             assert np.all(out[0, 2 + 2 * r] == 0.0)                        # NTK at depth 2: Theta0 = 0
             _assert_close(out[1:, 2 + 2 * r], want[1:, 2 + 2 * r], f"ntk-lap{c} block sums {a},{b}")
@@ -741,11 +721,11 @@ def test_emulated_lap_kernel_blocks_match_reference(emulator, lap_emulator, rng)
 
 
 def test_lap_block_oracle_over_all_blocks_is_cntk_reference(rng):
-    """Ties the block oracle of the emulation test to the reference's LAP definition: _lap_block_sums over all 1024
+    """Ties the block oracle of the emulation test to the reference's LAP definition: block_sums over all 1024
     displacement blocks, scaled by 2^-20, equals cntk_reference(lap=LAP_SIZES) (float64 both). (Emulating all 128
     CUDA blocks of a pair takes ~80 s on two cores; the GPU tests compare whole pairs on the device.)"""
     x = _images(rng, 2)
-    sums = _lap_block_sums(x, 0, 1, 2, [divmod(k, 32) for k in range(1024)], LAP_SIZES) / 2 ** 20
+    sums = block_sums(x[0], x[1], 2, [divmod(k, 32) for k in range(1024)], LAP_SIZES, (32, 32, 3)) / 2 ** 20
     want = cntk_reference(x[:1], x[1:], max_depth=3, archs=("gap",), lap=LAP_SIZES)
     keys = ["ntk-gap", "nngp-gap"] + [f"{kind}-lap{c}" for c in LAP_SIZES for kind in ("ntk", "nngp")]
     for s, key in enumerate(keys):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from gap_blocks import block_sums
 from cntk_gram.workers import gpu, kernel_block
 from cntk_gram.workers.cpu import tile_kernels
 from cntk_gram.workers.enhanced import flip_images, max_lap
@@ -312,27 +313,6 @@ def _displacement_blocks(cuda_blocks, shape):
     return [divmod(c * WARPS + w, q) for c in cuda_blocks for w in range(WARPS) if c * WARPS + w < p * q]
 
 
-def _block_sums(x, y, layers, blocks, lap, shape):
-    """float64 brute force of the GAP kernel's sums over the displacement blocks `blocks`: per layer [ntk, nngp, then
-    ntk, nngp of each c], entry (i, j) of block (ci, cj) pairing x at (i, j) with y at ((i + ci) % P, (j + cj) % Q),
-    weighted for LAP by w_c of its true displacement (from the unwrapped positions, not the kernel's cut lines)."""
-    p, q, _ = shape
-    i, j = np.meshgrid(np.arange(p), np.arange(q), indexing="ij")
-    want = np.zeros((layers, 2 + 2 * len(lap)))
-    theta = None
-    for h, k, kdot, sigma in _layer_covariances(x.astype(np.float64), y.astype(np.float64), layers):
-        theta = np.zeros_like(sigma) if h == 1 else theta
-        for ci, cj in blocks:
-            i2, j2 = (i + ci) % p, (j + cj) % q
-            values = ((kdot * theta)[i, j, i2, j2], k[i, j, i2, j2])
-            want[h - 1, :2] += [v.sum() for v in values]
-            for r, c in enumerate(lap):
-                w = np.maximum(1 - np.abs(i2 - i) / (2 * c + 1), 0) * np.maximum(1 - np.abs(j2 - j) / (2 * c + 1), 0)
-                want[h - 1, 2 + 2 * r:4 + 2 * r] += [(w * v).sum() for v in values]
-        theta = tr_d(kdot * theta + k)
-    return want
-
-
 def _assert_close(got, want, what, rtol=1e-5):
     want = np.asarray(want, np.float64)
     err = np.abs(np.asarray(got, np.float64) - want)
@@ -400,7 +380,7 @@ def test_emulated_gap_and_lap_blocks_match_reference(emulators, rng, shape, cuda
         out, maps = lap_emulator(x, [(a, b)], [same], layers=layers, mode="gap", blocks=cuda_blocks)
         plain, _ = plain_emulator(x, [(a, b)], [same], layers=layers, mode="gap", blocks=cuda_blocks)
         np.testing.assert_array_equal(out[0, :, :2], plain[0])
-        want = _block_sums(x[a], x[b], layers, blocks, lap, shape)
+        want = block_sums(x[a], x[b], layers, blocks, lap, shape)
         assert np.all(out[0, 0, ::2] == 0.0)
         for s in range(want.shape[1]):
             rows = slice(1, None) if s % 2 == 0 else slice(None)
@@ -416,11 +396,11 @@ def test_emulated_gap_and_lap_blocks_match_reference(emulators, rng, shape, cuda
 
 
 def test_emulated_block_oracle_over_all_blocks_is_cntk_reference(rng):
-    """Ties _block_sums to the reference at a non-square shape: over all P * Q displacement blocks, divided by
+    """Ties block_sums to the reference at a non-square shape: over all P * Q displacement blocks, divided by
     (PQ)^2, it is cntk_reference's GAP and LAP (so the subset test above checks parts of the true kernel)."""
     shape, lap = (6, 9, 2), (0, 3)
     x = _images(rng, 2, shape)
-    sums = _block_sums(x[0], x[1], 2, [divmod(k, 9) for k in range(54)], lap, shape) / 54 ** 2
+    sums = block_sums(x[0], x[1], 2, [divmod(k, 9) for k in range(54)], lap, shape) / 54 ** 2
     want = cntk_reference(x[:1], x[1:], max_depth=3, archs=("gap",), lap=lap)
     keys = ["ntk-gap", "nngp-gap"] + [f"{kind}-lap{c}" for c in lap for kind in ("ntk", "nngp")]
     for s, key in enumerate(keys):
