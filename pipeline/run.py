@@ -61,16 +61,15 @@ def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
     """Check and create the store, clear leftovers of earlier runs, and list the tiles still to compute.
 
     verify: re-check the chunk checksums of done tiles (damaged ones are redone); False trusts the records."""
-    check_existing(config.store, config)  # refuse a foreign store before the (slow) data load
+    exists = check_existing(config.store, config)  # refuse a foreign store before the (slow) data load
     known_train = len(config.data.train_index) if config.data.train_index else config.data.train
     if known_train is not None:
         check_tile_size(n_train=known_train, size=config.tiles.size)
     inputs = prepare_inputs(config.data)
     check_image_shape(config, inputs.images.shape[1:])
     check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
-    if not check_existing(config.store, config):  # a new store: the whole plan and the inputs must fit
-        whole = plan_cost(config, inputs, todo=None)
-        check_disk(dataclasses.replace(whole, bytes_todo=whole.bytes_todo + inputs.images.nbytes), config.store)
+    if not exists:  # a new store: the whole plan and the inputs must fit
+        check_disk(plan_cost(config, inputs, todo=None), config.store)
     prepare_store(config.store, config=config, inputs=inputs)
     remove_stray_files(config.store)  # temp files of writes interrupted long ago
     clear_cancel(config.store)  # a new run overrides an earlier `cntk cancel`
@@ -98,10 +97,14 @@ def check_image_shape(config: RunConfig, shape: tuple[int, ...]) -> None:
 
 
 def plan_cost(config: RunConfig, inputs: Inputs, *, todo) -> RunCost:
-    """The tiles, pairs and bytes of config's plan for these inputs; todo None: every planned tile."""
-    return run_cost(n_train=inputs.n_train, n_test=inputs.n_test, size=config.tiles.size,
+    """The tiles, pairs and bytes of config's plan for these inputs; todo None: a new store, every planned tile
+    plus the input images it stores."""
+    cost = run_cost(n_train=inputs.n_train, n_test=inputs.n_test, size=config.tiles.size,
                     test_test=config.data.test_test, arrays=len(planned_arrays(config)), todo=todo,
                     store_path=config.store)
+    if todo is None:
+        cost = dataclasses.replace(cost, bytes_todo=cost.bytes_todo + inputs.images.nbytes)
+    return cost
 
 
 def _damaged(store: str, done: set[tuple[int, int]]) -> set[tuple[int, int]]:
@@ -238,10 +241,7 @@ def dry_run(config: RunConfig) -> RunCost:
     if exists:
         done, planned = tile_status(config.store)
         todo = [tile for tile in planned if tile not in done]
-    cost = plan_cost(config, inputs, todo=todo)
-    if todo is None:
-        cost = dataclasses.replace(cost, bytes_todo=cost.bytes_todo + inputs.images.nbytes)
-    return cost
+    return plan_cost(config, inputs, todo=todo)
 
 
 def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend: str,
