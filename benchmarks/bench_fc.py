@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks.common import cpu_info, write_result
 from cntk_gram.workers.fc import fc_kernels
-from cntk_gram.workers.reference import fc_closed_form
+from cntk_gram.workers.reference import fc_closed_form, fc_scaled_error
 
 
 def images(n: int, root: str | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -42,19 +42,6 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def scaled_error(out: dict, ref: dict, depths, x, y) -> float:
-    """max over keys and `depths` (out index i = depths[i]) of |out - ref| / sqrt(K(x,x) K(y,y))."""
-    sx = (x.reshape(len(x), -1).astype(np.float64) ** 2).sum(1)
-    sy = (y.reshape(len(y), -1).astype(np.float64) ** 2).sum(1)
-    scale = np.sqrt(np.outer(sx, sy))
-    worst = 0.0
-    for key in ("ntk-fc", "nngp-fc"):
-        for i, d in enumerate(depths):
-            diag = d if key == "ntk-fc" else 1      # K(x,x) = d |x|^2 for the NTK, |x|^2 for the NNGP
-            worst = max(worst, float(np.max(np.abs(out[key][i] - ref[key][d - 2]) / (diag * scale))))
-    return worst
-
-
 def neural_tangents_fn(depth: int):
     """neural-tangents' closed form for the same net (depth-1 ReLU hidden layers, c_sigma = 2), or None."""
     try:
@@ -75,7 +62,7 @@ def measure(depth: int, x, y, ref, repeats: int) -> dict:
     seconds = best_seconds(lambda: fc_kernels(x, y, max_depth=depth), repeats)
     ours = fc_kernels(x, y, max_depth=depth)
     row["ours"] = {"seconds": seconds, "pairs_per_second": pairs / seconds, "depths_returned": depth - 1,
-                   "max_scaled_error": scaled_error(ours, ref, range(2, depth + 1), x, y)}
+                   "max_scaled_error": fc_scaled_error(ours, ref, range(2, depth + 1), x, y)}
     start = time.perf_counter()
     fc_closed_form(x, y, max_depth=depth)
     seconds = time.perf_counter() - start
@@ -88,7 +75,7 @@ def measure(depth: int, x, y, ref, repeats: int) -> dict:
         ntk, nngp = (np.asarray(v, np.float64) * features for v in kernel_fn(fx, fy, get=("ntk", "nngp")))
         nt = {"ntk-fc": ntk[None], "nngp-fc": nngp[None]}     # neural-tangents divides x.y by the input width
         row["neural_tangents"] = {"seconds": seconds, "pairs_per_second": pairs / seconds, "depths_returned": 1,
-                                  "max_scaled_error": scaled_error(nt, ref, [depth], x, y)}
+                                  "max_scaled_error": fc_scaled_error(nt, ref, [depth], x, y)}
         row["speedup_vs_neural_tangents"] = row["ours"]["pairs_per_second"] / row["neural_tangents"]["pairs_per_second"]
     row["speedup_vs_numpy_float64"] = row["ours"]["pairs_per_second"] / row["numpy_float64"]["pairs_per_second"]
     return row

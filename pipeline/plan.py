@@ -57,7 +57,8 @@ DISK_MARGIN = 256 * 2**20          # free space a run leaves untouched: records,
 class RunCost:
     """What the tiles of a run cost. tiles/pairs: planned in all and still to compute; store_bytes: the Gram arrays
     once complete (every planned tile writes one full tile x tile float32 chunk per array); bytes_todo: what the
-    tiles still to compute will add (and, for a new store, its input images: run.plan_cost); free_bytes: free space on the store's file system now."""
+    tiles still to compute will add (and, for a new store, its input images: run.plan_cost); free_bytes: free space
+    on the store's file system now."""
     tiles_total: int
     tiles_todo: int
     pairs_total: int

@@ -211,3 +211,17 @@ def fc_closed_form(x, y=None, *, max_depth: int) -> dict[str, np.ndarray]:
         ntk = ntk * (np.pi - theta) / np.pi + rho
         out["ntk-fc"][h], out["nngp-fc"][h] = ntk * scale, rho * scale
     return out
+
+
+def fc_scaled_error(out: dict, ref: dict, depths, x, y) -> float:
+    """max over "ntk-fc", "nngp-fc" and `depths` (out index i holds depths[i]; ref: fc_closed_form's full stacks) of
+    |out - ref| / sqrt(K(x,x) K(y,y)), with K(x,x) = d |x|^2 for the NTK of depth d and |x|^2 for the NNGP."""
+    sx = (np.asarray(x, np.float64).reshape(len(x), -1) ** 2).sum(1)
+    sy = (np.asarray(y, np.float64).reshape(len(y), -1) ** 2).sum(1)
+    scale = np.sqrt(np.outer(sx, sy))
+    worst = 0.0
+    for key in ("ntk-fc", "nngp-fc"):
+        for i, d in enumerate(depths):
+            diag = d if key == "ntk-fc" else 1
+            worst = max(worst, float(np.max(np.abs(out[key][i] - ref[key][d - 2]) / np.maximum(diag * scale, 1e-300))))
+    return worst
