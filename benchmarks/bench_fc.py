@@ -12,11 +12,16 @@ import argparse
 import os
 import time
 
-import numpy as np
+# As cntk's tile workers run (pipeline/cluster.py, worker_env): OpenBLAS spins only briefly after a product, so its
+# threads hand the cores back to the numba pass. OpenBLAS reads this when numpy loads it, hence before the import.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
-from benchmarks.common import cpu_info, write_result
-from cntk_gram.workers.fc import fc_kernels
-from cntk_gram.workers.reference import fc_closed_form, fc_scaled_error
+import numpy as np  # noqa: E402
+
+from benchmarks.common import cpu_info, write_result  # noqa: E402
+from cntk_gram.pipeline.cluster import BLAS_SPIN  # noqa: E402
+from cntk_gram.workers.fc import fc_kernels  # noqa: E402
+from cntk_gram.workers.reference import fc_closed_form, fc_scaled_error  # noqa: E402
 
 
 def images(n: int, root: str | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -94,6 +99,8 @@ def main():
     parser.add_argument("--cifar-root", default=os.environ.get("CNTK_CIFAR_ROOT"))
     parser.add_argument("--out", default="fc-kernel", help="result name under benchmarks/results/")
     args = parser.parse_args()
+    if os.environ["OPENBLAS_THREAD_TIMEOUT"] != BLAS_SPIN:
+        print(f"note: OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}, cntk's workers use {BLAS_SPIN}")
     load_before = os.getloadavg()
     x, y, source = images(args.n, args.cifar_root)
     depths = [int(d) for d in args.depths.split(",")]
@@ -112,6 +119,7 @@ def main():
         nt_version = None
     path = write_result(args.out, {"cpu": cpu_info(), "images": source, "n": args.n, "neural_tangents": nt_version,
                                    "gemm": gemm, "runs": rows,
+                                   "openblas_thread_timeout": os.environ["OPENBLAS_THREAD_TIMEOUT"],
                                    "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}})
     print(f"{'depth':>5} {'ours M/s':>9} {'numpy M/s':>9} {'NT M/s':>8} {'x numpy':>8} {'x NT':>6} {'err ours':>9} "
           f"{'err NT':>8} {'gemm %':>6}")

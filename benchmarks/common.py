@@ -22,11 +22,18 @@ def cpu_info() -> dict:
             "python": platform.python_version()}
 
 
+def command_line() -> str:
+    """This process's command as a user types it: `python -m benchmarks.NAME ARGS` (no machine paths)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None else [Path(sys.argv[0]).name]
+    return " ".join(["python", *head, *sys.argv[1:]])
+
+
 def write_result(name: str, payload: dict) -> Path:
     """Write payload (plus date and command) to benchmarks/results/{name}.json and return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join([Path(sys.executable).name] + sys.argv),
+               "command": command_line(),
                "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                             text=True).stdout.strip(), **payload}
     path = RESULTS / f"{name}.json"

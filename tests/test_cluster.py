@@ -36,7 +36,9 @@ def test_gpu_and_cpu_local_workers_get_the_same_environment(monkeypatch):
     fake_utils.get_n_gpus = lambda: 2
     monkeypatch.setitem(sys.modules, "dask_cuda", fake)
     monkeypatch.setitem(sys.modules, "dask_cuda.utils", fake_utils)
-    monkeypatch.setattr(distributed, "LocalCluster", Recorder(seen, honours_env_option=True))
+    # a BLAS reads its thread count when the worker imports it, before the `env` option is applied: only the
+    # pre-spawn environment counts, for CPU workers too
+    monkeypatch.setattr(distributed, "LocalCluster", Recorder(seen, honours_env_option=False))
     monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
     config = build_config({"cluster": {"workers": 4}}).cluster
 
@@ -44,8 +46,12 @@ def test_gpu_and_cpu_local_workers_get_the_same_environment(monkeypatch):
     cluster.local_cluster(cluster=config, backend="cpu")
     gpu, cpu = seen
     assert gpu["env"]["NUMBA_NUM_THREADS"] == "4" and cpu["env"]["NUMBA_NUM_THREADS"] == "2"  # 8 cores / workers
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         assert str(gpu["env"][name]) == str(cpu["env"][name]) == "1", name
+    # OpenBLAS (fc's matrix product) gets the numba threads, with a short spin so it frees them for numba
+    for env in (gpu["env"], cpu["env"]):
+        assert env["OPENBLAS_NUM_THREADS"] == env["NUMBA_NUM_THREADS"]
+        assert env["OPENBLAS_THREAD_TIMEOUT"] == cluster.BLAS_SPIN
     assert cpu["kwargs"]["n_workers"] == 4 and "n_workers" not in gpu["kwargs"]  # one worker per GPU
     # task slots: three per GPU worker (host work overlaps the serialised kernels), one per CPU worker
     assert gpu["kwargs"]["threads_per_worker"] == 3 and cpu["kwargs"]["threads_per_worker"] == 1

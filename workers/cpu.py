@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from . import _cpu_kernels as _k
-from .enhanced import flip_average, flip_images, lap_weights, select_depths
+from .enhanced import flip_average, flip_images, lap_weights
 from .validate import check_tile_call, same_images
 from .vocab import LAP_ARCH, KernelKey, output_keys
 
@@ -83,20 +83,22 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, dt
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     sym = y is None
     yy = x if sym else y
-    out = _conv_fc(x, yy, sym, archs, max_depth, dtype, lap)
+    out = _conv_fc(x, yy, sym, archs, max_depth, depths, dtype, lap)
     if flip:
         # K(x, flip y): on a diagonal tile it is symmetric too (mirror invariance, docs/enhanced.md), so the same
         # upper-triangle-and-mirror scheme applies with the mirrored images as columns.
-        mirrored = _conv_fc(x, flip_images(yy), False, archs, max_depth, dtype, lap, mirror_sym=sym)
+        mirrored = _conv_fc(x, flip_images(yy), False, archs, max_depth, depths, dtype, lap, mirror_sym=sym)
         for key in list(out):
             out[str(KernelKey.parse(key).flipped())] = flip_average(out[key], mirrored[key], dtype)
-    return select_depths(out, output_keys(archs, lap, flip, kinds), depths, max_depth)
+    return {key: out[key] for key in output_keys(archs, lap, flip, kinds)}
 
 
-def _conv_fc(x, yy, sym, archs, max_depth, dtype, lap, mirror_sym=None):
-    """Plain and LAP blocks of (x, yy): {key: (max_depth-1, n, m)}. sym: yy is x, compute pairs a <= b and mirror.
-    mirror_sym (flip pass, sym False): yy is flip(x); conv pairs a <= b are computed and mirrored, since
-    K(x_b, flip x_a) = K(x_a, flip x_b); fc (cheap) computes the full square."""
+def _conv_fc(x, yy, sym, archs, max_depth, depths, dtype, lap, mirror_sym=None):
+    """Plain and LAP blocks of (x, yy): {key: (len(depths), n, m)}, index i holding depths[i]. sym: yy is x, compute
+    pairs a <= b and mirror. mirror_sym (flip pass, sym False): yy is flip(x); conv pairs a <= b are computed and
+    mirrored, since K(x_b, flip x_a) = K(x_a, flip x_b); fc (cheap) computes the full square.
+    Only the requested depths leave the kernels: the fc pass writes no others, and conv stacks are cut before the
+    mirror, so a tile asking for 2 of 20 depths does not copy and allocate 10x its output."""
     tri = sym if mirror_sym is None else mirror_sym
     n, m, n_layers = len(x), len(yy), max_depth - 1
     lanes = _k.LANES
@@ -107,6 +109,7 @@ def _conv_fc(x, yy, sym, archs, max_depth, dtype, lap, mirror_sym=None):
     rows = np.empty(n, np.int64)
     rows[0::2], rows[1::2] = np.arange((n + 1) // 2), np.arange(n - 1, (n - 1) // 2, -1)
     out = {}
+    index = [d - 2 for d in depths]
     conv = [a for a in archs if a != "fc"]
     if conv:
         same = np.zeros((n, width), bool)
@@ -127,11 +130,11 @@ def _conv_fc(x, yy, sym, archs, max_depth, dtype, lap, mirror_sym=None):
             values = [ntk, nngp] + [lap_vals[k, i] for k in range(len(arch_lap)) for i in (0, 1)]
             named = zip(output_keys((arch,), arch_lap), values)
             for key, vals in named:
-                block = vals[:, :, :m].astype(dtype)
+                block = vals[index, :, :m].astype(dtype, copy=False)
                 if tri:
                     block = np.where(upper, block, block.transpose(0, 2, 1))
                 out[key] = block
     if "fc" in archs:
         from .fc import fc_kernels
-        out.update(fc_kernels(x, None if sym else yy, max_depth=max_depth, dtype=dtype))
+        out.update(fc_kernels(x, None if sym else yy, max_depth=max_depth, dtype=dtype, depths=depths))
     return out

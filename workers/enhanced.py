@@ -75,11 +75,3 @@ def flip_average(plain: np.ndarray, mirrored: np.ndarray, dtype=np.float32) -> n
     """The flip-averaged kernel (K(x, y) + K(x, flip y)) / 2 from its two halves, summed in float64, in `dtype`."""
     return ((np.asarray(plain).astype(np.float64) + mirrored) / 2).astype(dtype)
 
-
-def select_depths(out: dict, keys, depths, max_depth: int) -> dict:
-    """{key: stack} of `keys` with the stacks (max_depth-1, n, m), depth d at index d-2, cut to `depths` (in that
-    order: index i holds depths[i]); the stacks are returned as they are when depths is every depth in order."""
-    if tuple(depths) == tuple(range(2, max_depth + 1)):
-        return {key: out[key] for key in keys}
-    index = [d - 2 for d in depths]
-    return {key: out[key][index] for key in keys}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .enhanced import flip_average, flip_images, select_depths, triangle
+from .enhanced import flip_average, flip_images, triangle
 from .validate import check_tile_call, same_images
 from .vocab import LAP_ARCH, MAX_LAP, KernelKey, output_keys
 
@@ -271,11 +271,11 @@ def tile_kernels(x, y=None, *, archs=("vanilla", "gap"), max_depth: int = 21, la
     if "fc" in archs:
         from .fc import fc_kernels
         fc_keys = output_keys(("fc",), kinds=kinds)
-        out.update(select_depths(fc_kernels(x, y, max_depth=max_depth), fc_keys, depths, max_depth))
+        plain = fc_kernels(x, y, max_depth=max_depth, depths=depths)
+        out.update({key: plain[key] for key in fc_keys})
         if flip:
-            mirrored = fc_kernels(x, flip_images(x if y is None else y), max_depth=max_depth)
-            mirrored = select_depths(mirrored, fc_keys, depths, max_depth)
-            out.update({_flipped(key): value for key, value in mirrored.items()})
+            mirrored = fc_kernels(x, flip_images(x if y is None else y), max_depth=max_depth, depths=depths)
+            out.update({_flipped(key): mirrored[key] for key in fc_keys})
     keys = output_keys(archs, lap, flip, kinds)
     for key in keys:
         parsed = KernelKey.parse(key)
