@@ -406,8 +406,9 @@ def solve(store, **options):
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @scheduler_options
+@click.option("--store", default=None, help="Store path (overrides the config's store).")
 @solve_options
-def paper(config, scheduler, scheduler_file, **options):
+def paper(config, scheduler, scheduler_file, store, **options):
     """Reproduce a paper table from CONFIG such as configs/paper/table1.yaml: kernel, solve, report.
 
     Runs `cntk run CONFIG`, then `cntk solve` on its store, and prints our accuracies next to the
@@ -417,7 +418,7 @@ def paper(config, scheduler, scheduler_file, **options):
 
     arguments = _solve_arguments(**options)
     _show(reproduce(config, arguments.pop("options"), scheduler=scheduler, scheduler_file=scheduler_file,
-                    **arguments), as_json=options["as_json"])
+                    store=store, **arguments), as_json=options["as_json"])
 
 
 if __name__ == "__main__":

@@ -81,13 +81,14 @@ def solve_and_report(store: str | Path, options: SolveOptions = SolveOptions(), 
 
 
 def reproduce(config_path: str | Path, options: SolveOptions = SolveOptions(), *, scheduler: str | None = None,
-              scheduler_file: str | None = None, **report_options) -> Solved:
+              scheduler_file: str | None = None, store: str | None = None, **report_options) -> Solved:
     """Compute the Gram matrix of a config such as configs/paper/table1.yaml (run.run, with a progress bar on
-    stderr), then solve_and_report on its store. report_options: the keyword arguments of solve_and_report."""
+    stderr), then solve_and_report on its store (`store`, else the config's). report_options: the keyword
+    arguments of solve_and_report."""
     from cntk_gram.pipeline.config import load_config
     from cntk_gram.pipeline.run import run
 
-    config = load_config(config_path)
+    config = load_config(config_path, {"store": store})
     summary = run(config, scheduler=scheduler, scheduler_file=scheduler_file, progress=True)
     solved = solve_and_report(config.store, options, title=f"{Path(config_path).name}: ours vs the paper",
                               extra={"config": str(config_path), "kernel_run": dataclasses.asdict(summary)},

@@ -147,6 +147,10 @@ def test_run_status_and_paper_print_one_json_object(tmp_path, cifar_root):
     assert all(0 <= r["ridgeless"]["accuracy"] <= 1 for r in doc["rows"])
     assert json.loads((tmp_path / "report" / "results.json").read_text())["kernel_run"] == doc["run"]
 
+    other = tmp_path / "other.zarr"      # --store as in `cntk run`: the config's store is left alone
+    doc, _ = invoke_json(["paper", config, "--store", other, "--json", "--no-validation", "--out", tmp_path / "r2"])
+    assert doc["store"] == doc["run"]["store"] == str(other) and doc["run"]["tiles_computed"] == 5
+
 
 def test_json_commands_keep_the_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["status", str(tmp_path / "nothing.zarr"), "--json"])
