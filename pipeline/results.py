@@ -8,7 +8,7 @@ A row as JSON (SolveRow.to_dict; a key whose value does not apply is absent):
   ridgeless (λ = 0) and validated (λ chosen on held-out training images): {lambda, accuracy (in [0, 1]),
   confusion (rows = true class)} or, not positive definite, {lambda, error, smallest_working_lambda};
   selection: {lambda, val_accuracy: [{lambda, accuracy or null}], scheme ('full' | 'subset'), n_fit, n_val,
-  seed, val_fraction ('full' only)};
+  seed, val_fraction ('full' only), at_top_of_grid (written, not read: the chosen λ > 0 is the grid's largest)};
   options: the result options it was solved with (ridge.SolveOptions.record); solved_at (epoch seconds) and
   solve_seconds; reused: true when this call took the row from the store instead of solving it.
 
@@ -68,9 +68,14 @@ class SelectionSummary:
     seed: int
     val_fraction: float | None = None
 
+    @property
+    def at_top_of_grid(self) -> bool:
+        """The chosen λ > 0 is the grid's largest: a grid reaching higher may validate better."""
+        return self.lam > 0 and self.lam >= max((e["lambda"] for e in self.val_accuracy), default=0.0)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        return {"lambda": d.pop("lam"), **_drop_none(d)}
+        return {"lambda": d.pop("lam"), **_drop_none(d), "at_top_of_grid": self.at_top_of_grid}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SelectionSummary":

@@ -356,6 +356,9 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: S
         solution.selection = select_lambda(k_train, train_labels, n_classes=n_classes, options=options,
                                            progress=progress, label=label)
         chosen = solution.selection.lam
+        if progress and chosen > 0 and chosen >= max(options.lambdas):
+            progress(f"{label}note: the chosen λ = {chosen:g} is the largest in the grid; a grid reaching higher "
+                     f"(--lambdas) may validate better")
         same = chosen == 0.0 and solution.ridgeless.ok
         solution.validated = solution.ridgeless if same else fit(chosen)
     # a fit that failed: name the smallest λ that factors, without factoring a λ known to work or to fail again

@@ -158,6 +158,27 @@ def test_solve_kernel_matches_numpy_and_never_uses_test_labels(rng, monkeypatch)
     assert again.ridgeless.accuracy != result.ridgeless.accuracy
 
 
+@pytest.mark.parametrize("chosen, expected", [(1.0, True), (1e-2, False), (0.0, False)])
+def test_a_choice_at_the_top_of_the_grid_is_flagged_and_said(rng, monkeypatch, chosen, expected):
+    from cntk_gram.pipeline.results import SelectionSummary
+
+    k, gram, labels = _labelled_problem(rng)
+    grid = (0.0, 1e-2, 1.0)
+    # the choice is forced (which λ validates best is not this test's business); the flag and the note follow it
+    monkeypatch.setattr(ridge, "select_lambda", lambda *a, **kw: ridge.Selection(
+        lam=chosen, val_accuracy={lam: 0.5 for lam in grid}, scheme="full", n_fit=45, n_val=15, seed=0,
+        val_fraction=0.25))
+    said = []
+    result = ridge.solve_kernel(gram, labels=labels, n_train=60, options=SolveOptions(lambdas=grid),
+                                progress=said.append)
+    assert result.validated.lam == chosen
+    assert any("largest in the grid" in line for line in said) == expected
+    summary = SelectionSummary(lam=chosen, val_accuracy=[{"lambda": lam, "accuracy": 0.5} for lam in grid],
+                               scheme="full", n_fit=45, n_val=15, seed=0)
+    assert summary.to_dict()["at_top_of_grid"] == expected
+    assert SelectionSummary.from_dict(summary.to_dict()) == summary
+
+
 def test_selection_matches_a_direct_numpy_validation(rng):
     k, gram, labels = _labelled_problem(rng)
     n_train, grid = 60, (0.0, 1e-2, 1.0, 10.0)
