@@ -83,17 +83,42 @@ def prepare_run(config: RunConfig, *, verify: bool = True) -> PreparedRun:
 
 def check_image_shape(config: RunConfig, shape: tuple[int, ...]) -> None:
     """Refuse, before the store is made, images the configured kernels cannot take: LAP sizes beyond the image
-    (kernel.lap c <= max(H, W)) and, with backend gpu, images beyond the GPU kernels' limits (any size runs on the
-    CPU). One UserError naming the shape and what is allowed."""
+    (kernel.lap c <= max(H, W)) and, with backend gpu, images beyond the GPU conv kernels' limits (any size runs
+    on the CPU, fc on the host for either backend). One UserError naming the shape and what is allowed."""
     from cntk_gram.workers.enhanced import check_lap
-    from cntk_gram.workers.gpu import check_image_shape as gpu_shape
 
     try:
         check_lap(config.kernel.lap, config.kernel.archs, tuple(shape))
-        if config.backend == "gpu":
-            gpu_shape(tuple(shape))
     except ValueError as exc:
         raise UserError(f"images of shape {tuple(shape)} (H, W, C): {exc}") from None
+    why = gpu_refusal(config, shape)
+    if config.backend == "gpu" and why:
+        raise UserError(f"images of shape {tuple(shape)} (H, W, C): {why}; backend cpu takes any size")
+
+
+def gpu_refusal(config: RunConfig, shape: tuple[int, ...]) -> str | None:
+    """Why the GPU conv kernels cannot take images of this shape for config's archs, or None (they can, or no
+    conv arch is configured)."""
+    from cntk_gram.workers.gpu import check_image_shape as gpu_shape
+
+    if all(arch == "fc" for arch in config.kernel.archs):
+        return None
+    try:
+        gpu_shape(tuple(shape))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def fit_backend(config: RunConfig, backend: str, shape: tuple[int, ...]) -> str:
+    """backend: config.backend resolved ('cpu' | 'gpu'). 'auto' resolved to 'gpu' becomes 'cpu', said on stderr,
+    when the GPU conv kernels cannot take these images (an explicit 'gpu' was refused by check_image_shape)."""
+    why = gpu_refusal(config, shape) if backend == "gpu" and config.backend == "auto" else None
+    if why:
+        print(f"backend auto: the CPU computes these tiles, since the GPU kernels cannot: {why}", file=sys.stderr,
+              flush=True)
+        return "cpu"
+    return backend
 
 
 def plan_cost(config: RunConfig, inputs: Inputs, *, todo) -> RunCost:
@@ -203,12 +228,14 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
     # an existing cluster's workers may have GPUs this client lacks: there 'auto' is resolved on a worker
     backend = config.backend if external else resolve_here(config.backend)
     prep = prepare_run(config, verify=verify)
+    shape = prep.inputs.images.shape[1:]
+    backend = fit_backend(config, backend, shape)
     prepared = time.time() - started
     bounds = bounds_of(layout(config.store))
     pairs_todo = sum(tile_pairs(bounds, tile) for tile in prep.todo)
     if prep.todo:
         with open_client(**target, cluster=config.cluster, backend=backend) as client:
-            backend = _ready_backend(client, backend)
+            backend = fit_backend(config, _ready_backend(client, backend), shape)
             if progress:
                 print(describe_cost(prep.cost), file=sys.stderr, flush=True)
             _execute(client, prep.todo, config=_with_absolute_store(config), backend=backend,
@@ -298,7 +325,7 @@ def submit(config: RunConfig, *, scheduler: str | None = None, scheduler_file: s
     config = _with_absolute_store(config)
     with connect(**target) as client:
         prep = prepare_run(config)
-        backend = _ready_backend(client, config.backend)
+        backend = fit_backend(config, _ready_backend(client, config.backend), prep.inputs.images.shape[1:])
         futures = [_submit_tile(client, config, tile, backend=backend, key=tile_key(config.store, tile))
                    for tile in prep.todo]
         fire_and_forget(futures)  # closing the client flushes these messages to the scheduler first

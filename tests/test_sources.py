@@ -277,3 +277,25 @@ def test_arrays_end_to_end_run_solve_and_resume_checks_the_file(tmp_path):
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "other source files" in lines[0] and "a.npz" in lines[0] and "other.npz" in lines[0], lines[0]
+
+
+def test_images_beyond_the_gpu_kernels_refused_for_gpu_and_computed_on_the_cpu_for_auto(tmp_path, monkeypatch):
+    import cntk_gram.pipeline.run as run_module
+
+    write_arrays(tmp_path / "a.npz", shape=(40, 40))       # wider than the GPU conv kernels take (32)
+    config = arrays_config(tmp_path, tmp_path / "a.npz")
+    # backend gpu: conv archs are refused before any store, fc (computed on the host) is not
+    result = CliRunner().invoke(main, ["run", str(config), "--backend", "gpu", "--archs", "vanilla", "--dry-run"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "(40, 40, 1)" in lines[0] and "backend cpu" in lines[0]
+    assert CliRunner().invoke(main, ["run", str(config), "--backend", "gpu", "--dry-run"]).exit_code == 0
+    assert not (tmp_path / "g.zarr").exists()
+
+    # backend auto on a machine whose GPU it would pick: the conv tiles go to the CPU, and it says why
+    monkeypatch.setattr(run_module, "resolve_here", lambda name: "gpu")
+    result = CliRunner().invoke(main, ["run", str(config), "--backend", "auto", "--archs", "vanilla", "--json",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["backend"] == "cpu" and summary["tiles_computed"] == summary["tiles_total"] > 0
+    assert "backend auto: the CPU computes these tiles" in result.stderr
