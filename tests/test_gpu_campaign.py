@@ -62,6 +62,10 @@ def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_format_ro
     # check to it
     assert by_name["tests"]["command"].startswith("pytest -m gpu") and "skipped" in by_name["tests"]["summary"]
     assert by_name["kernels"]["accuracy"].startswith("skipped")
+    # the env stage says what the host reports (RAM may grow on a lent machine: the solve reads it again)
+    host = by_name["env"]["host"]
+    assert host["mem_total_gib"] > 0 and host["cpus"] >= 1 and host["disk_free_gib"] > 0
+    assert "solve: --memory-budget" in (out / "campaign.log").read_text()
 
     # a second call on the same work folder (a warm machine): nothing is recomputed, the reports are reused, and
     # its --out holds the whole campaign so far (call 1's records and files too)

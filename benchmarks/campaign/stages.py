@@ -5,6 +5,7 @@ about a store or a config come from the package's API (sizes from the configs th
 completion records), never from parsing a command's human-readable output."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -47,8 +48,23 @@ def import_cupy():
 
 # ------------------------------------------------------------------ env, kernels, tests
 
+def host_facts(path: Path) -> dict:
+    """This machine as it reports itself now: memory (/proc/meminfo MemTotal and MemAvailable, GiB; on the lent
+    machines RAM may start small and grow, so solve_memory_budget reads it again when the solve starts), cores, and
+    free disk under `path`."""
+    meminfo = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("MemTotal", "MemAvailable"):
+                meminfo[name] = round(int(value.split()[0]) * 1024 / 2**30, 1)
+    path.mkdir(parents=True, exist_ok=True)
+    return {"mem_total_gib": meminfo.get("MemTotal"), "mem_available_gib": meminfo.get("MemAvailable"),
+            "cpus": os.cpu_count(), "disk_free_gib": round(shutil.disk_usage(path).free / 2**30, 1)}
+
+
 def stage_env(c: Campaign, result: dict) -> None:
-    result.update(python=sys.version.split()[0], rehearse=c.rehearse)
+    result.update(python=sys.version.split()[0], rehearse=c.rehearse, host=host_facts(c.work))
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
@@ -299,8 +315,10 @@ def solve_to(c: Campaign, run: TableRun, store: Path, report: Path, *, validate:
     validate False: the paper's lam = 0 only; True: also the lam chosen on a validation split of the training set
     (the solver's grid), whose results.md lists both."""
     t0 = c.clock()
+    budget = solve_memory_budget()
+    c.log(f"solve: --memory-budget {budget} (host now: {host_facts(c.work)})")
     c.supervisor().run([*CLI, "solve", store, "--device", "cpu" if c.rehearse else "gpu", "--out", report,
-                        "--kernel", f"ntk-{run.arch}", "--memory-budget", solve_memory_budget(),
+                        "--kernel", f"ntk-{run.arch}", "--memory-budget", budget,
                         *([] if validate else ["--no-validation"])], seconds=c.left())
     return round(c.clock() - t0, 1)
 
