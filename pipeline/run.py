@@ -91,8 +91,8 @@ def check_image_shape(config: RunConfig, shape: tuple[int, ...]) -> None:
         check_lap(config.kernel.lap, config.kernel.archs, tuple(shape))
     except ValueError as exc:
         raise UserError(f"images of shape {tuple(shape)} (H, W, C): {exc}") from None
-    why = gpu_refusal(config, shape)
-    if config.backend == "gpu" and why:
+    why = gpu_refusal(config, shape) if config.backend == "gpu" else None
+    if why:
         raise UserError(f"images of shape {tuple(shape)} (H, W, C): {why}; backend cpu takes any size")
 
 
