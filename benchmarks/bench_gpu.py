@@ -350,55 +350,82 @@ def main(argv=None):
     module = gpu.load_module(cupy.cuda.Device().id, gpu.compile_options())
     base = baseline_kernels(cupy)
     limit = info["sm_count"] * info["fp32_lanes_per_sm"] * info["clock_mhz"] * 1e6   # lane-instructions / s
-    results = []
-    for arch in archs:
-        for depth in depths:
-            layers = depth - 1
-            fused = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=args.min_seconds)
-            baseline = baseline_pairs_per_s(cupy, base, arch=arch, layers=layers,
-                                            min_seconds=args.min_seconds)
-            # the same first images and pairs through the fused kernel: the baseline must agree
-            check = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=0.0,
-                                      n_start=BASELINE_IMAGES)
-            fused_final = check["out"].get()[:, layers - 1, 0] * (1.0 / ENTRIES if arch == "gap" else 1.0)
-            rel = np.abs(fused_final - baseline["final_depth_values"]) / np.maximum(np.abs(fused_final), 1e-30)
-            entry_layers = gpu.ENTRIES_PER_PAIR[arch] * layers
-            row = {"arch": arch, "depth": depth, "layers": layers,
-                   "fused_pairs_per_s": fused["pairs_per_s"], "fused_pairs_timed": fused["pairs"],
-                   "fused_kernel_seconds": fused["kernel_seconds"],
-                   "baseline_pairs_per_s": baseline["pairs_per_s"], "baseline_pairs_timed": baseline["pairs"],
-                   "baseline_kernel_seconds": baseline["kernel_seconds"],
-                   "ratio": fused["pairs_per_s"] / baseline["pairs_per_s"],
-                   "fused_fraction_of_fp32_limit": fused["pairs_per_s"] * entry_layers
-                   * gpu.INSTR_PER_ENTRY_LAYER[arch] / limit,
-                   "fused_fraction_fp32_pipe_only": fused["pairs_per_s"] * entry_layers
-                   * gpu.FP32_INSTR_PER_ENTRY_LAYER[arch] / limit,
-                   "baseline_vs_fused_max_rel_diff": float(rel.max())}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    out = args.out or REPO / "benchmarks" / "results" / (
+        f"gpu-{info['name'].replace(' ', '_')}-{datetime.date.today().isoformat()}.json")
     report = {"benchmark": "gpu tile kernels vs Appendix-I baseline", "device": info,
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "host": platform.node(), "compile_options": list(gpu.compile_options()),
               "instr_per_entry_layer": gpu.INSTR_PER_ENTRY_LAYER,
               "fp32_pipe_instr_per_entry_layer": gpu.FP32_INSTR_PER_ENTRY_LAYER,
-              "fp32_instruction_limit_per_s": limit, "sass_count": count_sass(),
+              "fp32_instruction_limit_per_s": limit, "sass_count": "not counted yet",
               "fraction_definition": "pairs/s * entries per pair * layers * instr_per_entry_layer / "
                                      "(SMs * FP32 lanes per SM * clock); see docs/gpu.md",
-              "results": results,
-              "accuracy": None if args.skip_accuracy else accuracy()}
-    vanilla21 = [r for r in results if r["arch"] == "vanilla" and r["depth"] == 21]
-    if vanilla21:
-        report["projection_cntk_v_all_depths_to_21"] = {
-            "pairs": FULL_CIFAR_PAIRS, "kernel_seconds": FULL_CIFAR_PAIRS / vanilla21[0]["fused_pairs_per_s"],
-            "method": "one depth-21 pass yields depths 2..21; kernel seconds = pairs / measured pairs per second "
-                      f"of a {vanilla21[0]['fused_pairs_timed']}-pair launch"}
-    out = args.out or REPO / "benchmarks" / "results" / (
-        f"gpu-{info['name'].replace(' ', '_')}-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+              "results": [], "accuracy": None}
+    # the measurements reach the file first, row by row: a run stopped, or a tool below failing, keeps them
+    for arch in archs:
+        for depth in depths:
+            row = measure_row(cupy, module, base, arch=arch, depth=depth, min_seconds=args.min_seconds, limit=limit)
+            report["results"].append(row)
+            report.update(projection(report["results"]))
+            write_report(out, report)
+            print(json.dumps(row), flush=True)
+    report["sass_count"] = sass_count_or_error()
+    write_report(out, report)
+    if not args.skip_accuracy:
+        report["accuracy"] = accuracy()
+        write_report(out, report)
     print(f"wrote {out}")
 
+
+def measure_row(cupy, module, base, *, arch: str, depth: int, min_seconds: float, limit: float) -> dict:
+    """One arch and depth: the fused kernel's and the baseline's pairs/s, and how far their values differ."""
+    layers = depth - 1
+    fused = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=min_seconds)
+    baseline = baseline_pairs_per_s(cupy, base, arch=arch, layers=layers, min_seconds=min_seconds)
+    # the same first images and pairs through the fused kernel: the baseline must agree
+    check = fused_pairs_per_s(cupy, module, arch=arch, layers=layers, min_seconds=0.0, n_start=BASELINE_IMAGES)
+    fused_final = check["out"].get()[:, layers - 1, 0] * (1.0 / ENTRIES if arch == "gap" else 1.0)
+    rel = np.abs(fused_final - baseline["final_depth_values"]) / np.maximum(np.abs(fused_final), 1e-30)
+    entry_layers = gpu.ENTRIES_PER_PAIR[arch] * layers
+    return {"arch": arch, "depth": depth, "layers": layers,
+            "fused_pairs_per_s": fused["pairs_per_s"], "fused_pairs_timed": fused["pairs"],
+            "fused_kernel_seconds": fused["kernel_seconds"],
+            "baseline_pairs_per_s": baseline["pairs_per_s"], "baseline_pairs_timed": baseline["pairs"],
+            "baseline_kernel_seconds": baseline["kernel_seconds"],
+            "ratio": fused["pairs_per_s"] / baseline["pairs_per_s"],
+            "fused_fraction_of_fp32_limit": fused["pairs_per_s"] * entry_layers
+            * gpu.INSTR_PER_ENTRY_LAYER[arch] / limit,
+            "fused_fraction_fp32_pipe_only": fused["pairs_per_s"] * entry_layers
+            * gpu.FP32_INSTR_PER_ENTRY_LAYER[arch] / limit,
+            "baseline_vs_fused_max_rel_diff": float(rel.max())}
+
+
+def projection(results: list[dict]) -> dict:
+    """The kernel-time projection of CNTK-V at all depths to 21 over FULL_CIFAR_PAIRS, once its row is measured."""
+    vanilla21 = [r for r in results if r["arch"] == "vanilla" and r["depth"] == 21]
+    if not vanilla21:
+        return {}
+    return {"projection_cntk_v_all_depths_to_21": {
+        "pairs": FULL_CIFAR_PAIRS, "kernel_seconds": FULL_CIFAR_PAIRS / vanilla21[0]["fused_pairs_per_s"],
+        "method": "one depth-21 pass yields depths 2..21; kernel seconds = pairs / measured pairs per second "
+                  f"of a {vanilla21[0]['fused_pairs_timed']}-pair launch"}}
+
+
+def sass_count_or_error() -> dict | None:
+    """count_sass(), or what made nvcc or cuobjdump fail (a tool's failure must not cost the measurements)."""
+    try:
+        return count_sass()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def write_report(out: Path, report: dict) -> None:
+    """The JSON report at `out`, replaced whole (a reader never sees half of it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,28 +3,32 @@
     python -m benchmarks.gpu_campaign --out DIR [--budget-s 540] [--stages env,kernels,...] [--rehearse]
                                       [--data-root CIFAR_DIR] [--work WORK_DIR] [--prior PRIOR_DIR]
 
-(from the repository root). Stages, in this order (benchmarks/GPU.md says how a session with a GPU calls it):
-  env       device name, driver, CUDA, CuPy, the nvidia-smi line (bounded wait)
+(from the repository root, with the package installed: editable, or as on the device its wheel in SITE with
+PYTHONPATH=SITE:REPO and `python -P`, as benchmarks/campaign/device_call.sh runs it). Stages, in this order
+(benchmarks/GPU.md says how a session with a GPU calls it):
+  env       device name, driver, CUDA, CuPy, the nvidia-smi line (bounded wait), package versions (cupy,
+            cuda-core, ...) and where cntk_gram is imported from
   kernels   benchmarks/bench_gpu.py: fused GAP and vanilla at depths 3/6/11/21 beside the baseline, % of the
             instruction ceiling; the measured depth-21 rates replace the predicted ones in the rate model. Its
             float64-reference check is left to the tests stage when that is part of the campaign
   tests     `pytest -m gpu tests/test_gpu.py` (one tile through a real dask_cuda.LocalCUDACluster included), given
             the campaign's CIFAR-10 and no download; at most TESTS_CAP_S seconds, --timeout per test and in
             parallel where pytest-timeout and pytest-xdist are installed
-  table1-v  CNTK-V NTK, depths 3/4/6/11/21, all 50,000 + 10,000 images: `cntk run --backend gpu`, then
-            `cntk solve --device gpu` with the paper's lam = 0, whose results.md (the paper's column beside ours) is
-            copied into DIR; then, if the budget allows, a second solve that adds the validated lam (its results.md,
-            a superset, replaces the first)
+  table1-v  CNTK-V NTK, depths 3/4/6/11/21 (as many as the budget and the free disk allow), all 50,000 + 10,000
+            images: `cntk run --backend gpu`, then `cntk solve --device gpu` with the paper's lam = 0, whose
+            results.md (the paper's column beside ours) is copied into DIR; then, if the budget allows, a second
+            solve that adds the validated lam (its results.md, a superset, replaces the first)
   gap-2k    CNTK-GAP NTK, Table 1's 2,000-image column, depths capped to what the budget allows (resumable)
   cifar2    Table 2's exact columns (CIFAR-2): vanilla at all depths, GAP capped likewise (resumable)
 Kernels run before tests, so a first call always yields the kernel speeds.
 
-Every stage's record is written to DIR/campaign.json and DIR/campaign.md the moment it ends, so a run cut off
-still returns everything finished. All files are kept in WORK_DIR/campaign-out and copied to DIR. A later call
-continues the campaign of the same commit (its records and measured rates) from WORK_DIR/campaign-out on a warm
-machine, or from --prior PRIOR_DIR (an earlier call's returned DIR) on a fresh one; its DIR then holds everything so
-far, and a stage run again replaces its earlier record. DIR holds at most 8 files: campaign.json, campaign.md,
-campaign.log, kernels.json and one results-<run>.md per table run; stores and solver output go to --work.
+Every stage's record is written to DIR/campaign.json and DIR/campaign.md the moment it ends, and the moment a
+table run publishes its results, so a run cut off still returns everything finished. All files are kept in
+WORK_DIR/campaign-out and copied to DIR. A later call continues the campaign of the same commit (its records and
+measured rates) from WORK_DIR/campaign-out on a warm machine, or from --prior PRIOR_DIR (an earlier call's returned
+DIR) on a fresh one; its DIR then holds everything so far, and a stage run again replaces its earlier record. DIR
+holds at most 8 files: campaign.json, campaign.md, campaign.log, kernels.json and one results-<run>.md per table
+run; stores and solver output go to --work.
 
 Budget: a stage whose predicted seconds (benchmarks/campaign/rates.py) exceed what is left is `skipped`; a
 resumable stage (a `cntk run`) starts when its smallest useful part fits and is interrupted cleanly before the
@@ -38,6 +42,7 @@ missing GPU is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -84,6 +89,7 @@ def run_campaign(c: Campaign, stages: list[str]) -> int:
     commit = git_commit()
     c.work.mkdir(parents=True, exist_ok=True)
     how = resume_state(c, commit)
+    c.checkpoint = lambda: write_records(c, commit, order=STAGES, markdown=campaign_markdown)
     c.log(f"=== call {c.call} ({how}): stages {','.join(stages)}, budget {c.budget_s:.0f} s")
     run = runners(c, stages)
     for name in (s for s in STAGES if s in stages):
@@ -102,12 +108,12 @@ def run_campaign(c: Campaign, stages: list[str]) -> int:
                 _run_stage(c, run[name], record)
         print(f"gpu_campaign: {name:9s} {record['status']:11s} {record['seconds']:7.1f} s  "
               f"{record.get('why', '')}", flush=True)
-        write_records(c, commit, order=STAGES, markdown=campaign_markdown)
+        c.checkpoint()
     return 0 if all(r["status"] == "done" for r in c.records if r["call"] == c.call) else 1
 
 
 def _run_stage(c: Campaign, runner, record: dict) -> None:
-    record["result"] = {}
+    record["result"], record["status"] = {}, "running"   # what a checkpoint inside the stage records
     t0 = c.clock()
     try:
         runner(record["result"])
@@ -119,6 +125,18 @@ def _run_stage(c: Campaign, runner, record: dict) -> None:
     except Exception as exc:   # one stage failing must not lose the others
         record["status"], record["why"] = "failed", f"{type(exc).__name__}: {exc}"[:400]
     record["seconds"] = round(c.clock() - t0, 1)
+
+
+def layout_problem() -> str | None:
+    """Why the package's subpackages do not import here, else None: a checkout's own cntk_gram/ found before the
+    installed package has no pipeline/ or workers/ (they are mapped in by the install)."""
+    missing = [name for name in ("cntk_gram.pipeline", "cntk_gram.workers") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    import cntk_gram
+    return (f"{', '.join(missing)} not importable: cntk_gram was found at {Path(cntk_gram.__file__).parent}; install "
+            f"the project (pip install -e ., or its wheel with --target SITE and PYTHONPATH=SITE:REPO) and run "
+            f"python -P -m benchmarks.gpu_campaign")
 
 
 def main(argv=None) -> int:
@@ -143,6 +161,10 @@ def main(argv=None) -> int:
         return 2
     if args.budget_s <= 0:
         print(f"gpu_campaign: --budget-s must be > 0 seconds, got {args.budget_s}", file=sys.stderr)
+        return 2
+    problem = layout_problem()
+    if problem:
+        print(f"gpu_campaign: {problem}", file=sys.stderr)
         return 2
     work = args.work or REPO / "runs" / ("gpu-campaign-rehearsal" if args.rehearse else "gpu-campaign")
     c = Campaign(out=work / "campaign-out", mirror=args.out, prior=args.prior, work=work, budget_s=args.budget_s,

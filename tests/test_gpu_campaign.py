@@ -6,12 +6,13 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from _images import SYNTHETIC_TEST, SYNTHETIC_TRAIN
-from benchmarks import gpu_campaign
+from benchmarks import bench_gpu, gpu_campaign
 from benchmarks.campaign import rates, stages
 from benchmarks.campaign.markdown import campaign_markdown
 from benchmarks.campaign.state import Campaign, resume_state, write_records
@@ -65,6 +66,7 @@ def test_rehearsal_runs_every_stage_and_writes_records(tmp_path, cifar_format_ro
     # the env stage says what the host reports (RAM may grow on a lent machine: the solve reads it again)
     host = by_name["env"]["host"]
     assert host["mem_total_gib"] > 0 and host["cpus"] >= 1 and host["disk_free_gib"] > 0
+    assert set(by_name["env"]["packages"]) == set(stages.PACKAGES) and "cuda-core" in stages.PACKAGES
     assert "solve: --memory-budget" in (out / "campaign.log").read_text()
 
     # a second call on the same work folder (a warm machine): nothing is recomputed, the reports are reused, and
@@ -234,15 +236,160 @@ def test_table_run_sizes_come_from_its_config_and_the_data(tmp_path, cifar_forma
     assert command[-1] == "--trust-records" and command[command.index("--data-root") + 1] == str(cifar_format_root)
 
 
+def test_a_new_stores_depths_fit_the_free_disk(tmp_path, monkeypatch):
+    from cntk_gram.pipeline import plan
+    monkeypatch.setattr(stages, "run_sizes", lambda run, overrides: (2000, 1000))
+    c = Campaign(out=tmp_path, work=tmp_path, budget_s=10**6, rehearse=False, data_root=None, clock=lambda: 0.0)
+    run = stages.table_runs("table1-v", False)[0]
+    one = stages.store_bytes(c, run, [3])
+    assert one == 5 * (1000 * 1000 * 4 + plan.CHUNK_OVERHEAD)   # 3 train x train tiles, 2 train x test
+    assert stages.store_bytes(c, run, [3, 4, 6]) == 3 * one     # one float32 array per depth
+    assert stages.depths_on_disk(c, run, [3, 4, 6, 11, 21], stages.DISK_SPARE + 3 * one) == [3, 4, 6]
+    pairs = rates.pairs_of(2000, 1000)   # every depth fits the time
+    monkeypatch.setattr(plan, "free_bytes", lambda path: stages.DISK_SPARE + 2 * one)
+    record = {}
+    assert stages.choose_depths(c, run, pairs, record) == [3, 4] and record["capped_by"] == "disk"
+    monkeypatch.setattr(plan, "free_bytes", lambda path: stages.DISK_SPARE + one - 1)
+    record = {}
+    assert stages.choose_depths(c, run, pairs, record) == [] and record["status"] == "skipped"
+    assert "depth 3's store needs" in record["why"] and "GiB free" in record["why"]
+    # the whole of table1-v (50,000 + 10,000 images, 1,000-image tiles) at 5 depths: ~35 GB, over most free disks
+    monkeypatch.setattr(stages, "run_sizes", lambda run, overrides: (50_000, 10_000))
+    assert 35e9 < stages.store_bytes(c, run, rates.TABLE_DEPTHS) < 36e9
+
+
+# ------------------------------------------------------------------ measurements kept, results published at once
+
+def _bench_without_gpu(monkeypatch, measure_row, count_sass):
+    """bench_gpu.main's GPU parts replaced: the device, the modules, each row's measurement and the SASS count."""
+    device = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)))
+    monkeypatch.setattr(bench_gpu, "require_gpu", lambda: device)
+    monkeypatch.setattr(bench_gpu, "device_info", lambda cupy: {"name": "stand-in", "sm_count": 1,
+                                                                "fp32_lanes_per_sm": 128, "clock_mhz": 1000.0})
+    monkeypatch.setattr(bench_gpu.gpu, "load_module", lambda *args: None)
+    monkeypatch.setattr(bench_gpu, "baseline_kernels", lambda cupy: None)
+    monkeypatch.setattr(bench_gpu, "measure_row", measure_row)
+    monkeypatch.setattr(bench_gpu, "count_sass", count_sass)
+
+
+def _row(cupy, module, base, *, arch, depth, min_seconds, limit):
+    return {"arch": arch, "depth": depth, "fused_pairs_per_s": 100.0 * depth, "fused_pairs_timed": 64}
+
+
+def test_bench_gpu_writes_its_measurements_before_the_sass_count(tmp_path, monkeypatch):
+    def failing_tool():
+        raise subprocess.CalledProcessError(1, ["nvcc", "--cubin"])
+    _bench_without_gpu(monkeypatch, _row, failing_tool)
+    out = tmp_path / "kernels.json"
+    bench_gpu.main(["--archs", "vanilla", "--depths", "3,21", "--skip-accuracy", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [(r["arch"], r["depth"]) for r in report["results"]] == [("vanilla", 3), ("vanilla", 21)]
+    assert report["sass_count"]["error"].startswith("CalledProcessError")
+    assert report["projection_cntk_v_all_depths_to_21"]["kernel_seconds"] == bench_gpu.FULL_CIFAR_PAIRS / 2100.0
+
+
+def test_bench_gpu_keeps_the_rows_measured_before_a_failure(tmp_path, monkeypatch):
+    def second_fails(*args, depth, **kw):
+        if depth == 21:
+            raise RuntimeError("device lost")
+        return _row(*args, depth=depth, **kw)
+    _bench_without_gpu(monkeypatch, second_fails, lambda: None)
+    out = tmp_path / "kernels.json"
+    with pytest.raises(RuntimeError, match="device lost"):
+        bench_gpu.main(["--archs", "gap", "--depths", "3,21", "--skip-accuracy", "--out", str(out)])
+    assert [r["depth"] for r in json.loads(out.read_text())["results"]] == [3]
+
+
+def test_kernels_stage_keeps_the_rows_of_a_failed_bench_gpu(tmp_path, monkeypatch):
+    """bench_gpu.py failing after some rows: the stage fails, and its rows and measured rates stay. A kernels.json
+    of an earlier call never passes for this one's."""
+    row = {"arch": "gap", "depth": 21, "fused_pairs_per_s": 2.0e4, "baseline_pairs_per_s": 2.0, "ratio": 1e4,
+           "fused_fraction_of_fp32_limit": 0.5, "baseline_vs_fused_max_rel_diff": 1e-6}
+
+    class FailingBench:
+        writes = True
+
+        def run(self, args, **kw):
+            if self.writes:
+                Path(args[args.index("--out") + 1]).write_text(json.dumps({"results": [row]}))
+            raise CommandFailed("exit 1: cuobjdump failed")
+    bench = FailingBench()
+    monkeypatch.setattr(Campaign, "supervisor", lambda self: bench)
+    c = Campaign(out=tmp_path, work=tmp_path, budget_s=600, rehearse=False, data_root=None, clock=lambda: 0.0)
+    result = {}
+    with pytest.raises(CommandFailed):
+        stages.stage_kernels(c, result, skip_accuracy=True)
+    assert result["rows"] == [row] and c.rates == {"gap": 2.0e4}
+    bench.writes, result = False, {}
+    with pytest.raises(CommandFailed):
+        stages.stage_kernels(c, result, skip_accuracy=True)
+    assert "rows" not in result and not (tmp_path / "kernels.json").exists()
+
+
+def test_published_results_reach_out_before_their_stage_ends(tmp_path, monkeypatch):
+    """A table run's results file and its record are in --out the moment they are published: a call cut off later
+    (by its timeout, in the validated solve say) still returns them."""
+    seen = {}
+
+    def table_stage(c, result, *, stage):
+        report = tmp_path / "report"
+        report.mkdir()
+        (report / "results.md").write_text("| kernel | depth |\n")
+        result["runs"] = {"table1-v": {"depths": [3, 4]}}
+        stages.publish(c, stages.table_runs(stage, True)[0], result["runs"]["table1-v"], report)
+        doc = json.loads((tmp_path / "out" / "campaign.json").read_text())
+        seen.update(files={p.name for p in (tmp_path / "out").iterdir()}, record=doc["stages"][0])
+        raise RuntimeError("cut off")
+    monkeypatch.setattr(gpu_campaign, "stage_table", table_stage)
+    monkeypatch.setattr(gpu_campaign, "first_run_s", lambda c, stage: 1.0)
+    c = Campaign(out=tmp_path / "work" / "campaign-out", work=tmp_path / "work", mirror=tmp_path / "out",
+                 budget_s=600, rehearse=True, data_root=None, clock=lambda: 0.0)
+    assert gpu_campaign.run_campaign(c, ["table1-v"]) == 1
+    assert "results-table1-v.md" in seen["files"]
+    assert seen["record"]["status"] == "running"
+    assert seen["record"]["result"]["runs"]["table1-v"] == {"depths": [3, 4], "results": "results-table1-v.md"}
+
+
+# ------------------------------------------------------------------ the GPU cluster's start on the device
+
+def test_gpu_cluster_falls_back_to_one_plain_worker_when_nvml_fails(monkeypatch, capsys):
+    """NVML unusable (pynvml.NVMLError), met while counting the GPUs or while dask-cuda starts: a plain local
+    cluster with one worker and the GPU worker's task slots, and one line on stderr saying so."""
+    import distributed
+
+    from cntk_gram.pipeline import cluster
+    from cntk_gram.pipeline.config import build_config
+
+    class NVMLError(Exception):
+        pass
+
+    def no_nvml(**kw):
+        raise NVMLError("NVML Shared Library Not Found")
+    made = []
+    dask_cuda, utils = types.ModuleType("dask_cuda"), types.ModuleType("dask_cuda.utils")
+    monkeypatch.setitem(sys.modules, "dask_cuda", dask_cuda)
+    monkeypatch.setitem(sys.modules, "dask_cuda.utils", utils)
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: made.append(kw) or "plain")
+    config = build_config({"cluster": {"workers": 4}}).cluster
+    for fails_at in ("counting", "starting"):
+        dask_cuda.LocalCUDACluster = no_nvml if fails_at == "starting" else (lambda **kw: "dask-cuda")
+        utils.get_n_gpus = (lambda: 1) if fails_at == "starting" else no_nvml
+        assert cluster.local_cluster(cluster=config, backend="gpu") == "plain"
+    assert [(kw["n_workers"], kw["threads_per_worker"]) for kw in made] == [(1, cluster.GPU_SLOTS)] * 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("NVMLError: NVML Shared Library Not Found" in line and
+                                 "plain local cluster with one GPU worker" in line for line in err)
+
+
 # ------------------------------------------------------------------ state across calls, the Markdown
 
 def _records(call=1):
     kernels = {"rows": [{"arch": "gap", "depth": 21, "fused_pairs_per_s": 2.0e4, "baseline_pairs_per_s": 2.0,
                          "ratio": 1.0e4, "fused_fraction_of_fp32_limit": 0.5,
                          "baseline_vs_fused_max_rel_diff": 1e-6}]}
-    table = {"runs": {"gap-2k": {"depths": [3, 4], "capped": True, "n_train": 2000, "n_test": 10000,
-                                 "pairs": rates.pairs_of(2000, 10000), "kernel_s": 12.5, "solve_s": 3.0,
-                                 "validated": "skipped: needs ~80 s, 10 s left"}}}
+    table = {"runs": {"gap-2k": {"depths": [3, 4], "capped": True, "capped_by": "budget", "n_train": 2000,
+                                 "n_test": 10000, "pairs": rates.pairs_of(2000, 10000), "kernel_s": 12.5,
+                                 "solve_s": 3.0, "validated": "skipped: needs ~80 s, 10 s left"}}}
     return [{"name": "env", "call": call, "status": "done", "seconds": 1.0, "predicted_s": 2, "result": {}},
             {"name": "kernels", "call": call, "status": "done", "seconds": 9.0, "predicted_s": 150, "result": kernels},
             {"name": "gap-2k", "call": call, "status": "out-of-time", "seconds": 99.0, "predicted_s": 80,

@@ -42,8 +42,10 @@ def _table_run(name: str, run: dict, out: Path) -> list[str]:
         return ["", f"## {name}", "", f"Skipped: {run.get('why', '')}."]
     validated = run.get("validated", "-")
     took = f" in {run['validate_s']} s" if "validate_s" in run else ""
+    capped = "" if not run.get("capped") else f" (capped by the {run['capped_by']})" if "capped_by" in run else \
+        " (capped: a resumed store keeps its depths)"
     lines = ["", f"## {name}", "",
-             f"Depths {run.get('depths')}{' (capped by the budget)' if run.get('capped') else ''}; "
+             f"Depths {run.get('depths')}{capped}; "
              f"{run.get('n_train', '?')} train + {run.get('n_test', '?')} test images, {run.get('pairs', 0):,} "
              f"pairs; kernel {run.get('kernel_s', '-')} s, solve (lam = 0) {run.get('solve_s', '-')} s, "
              f"validated lam: {validated}{took}."]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -63,8 +64,27 @@ def host_facts(path: Path) -> dict:
             "cpus": os.cpu_count(), "disk_free_gib": round(shutil.disk_usage(path).free / 2**30, 1)}
 
 
+# distributions whose versions the env stage records (None: not installed)
+PACKAGES = ("cupy-cuda13x", "cupy-cuda12x", "cuda-core", "cuda-bindings", "numpy", "numba", "dask", "distributed",
+            "dask-cuda", "zarr", "cntk-gram")
+
+
+def package_versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def stage_env(c: Campaign, result: dict) -> None:
-    result.update(python=sys.version.split()[0], rehearse=c.rehearse, host=host_facts(c.work))
+    """The machine and the software: host facts, package versions and where `cntk_gram` is imported from (the
+    installed wheel on the device), nvidia-smi's line and the device's properties."""
+    import cntk_gram
+    result.update(python=sys.version.split()[0], rehearse=c.rehearse, host=host_facts(c.work),
+                  packages=package_versions(), cntk_gram_from=str(Path(cntk_gram.__file__).parent))
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
@@ -91,20 +111,29 @@ def stage_kernels(c: Campaign, result: dict, *, skip_accuracy: bool) -> None:
     """bench_gpu.py on the GPU (its JSON becomes DIR/kernels.json; the depth-21 rates go into the rate model);
     skip_accuracy: the tests stage checks the kernels against the float64 reference, so bench_gpu does not.
     In rehearsal, the parts that need no GPU: the SASS count and the accuracy check through the CPU backend."""
-    from benchmarks import bench_gpu
     if c.rehearse:
+        from benchmarks import bench_gpu
         result["sass_count"] = bench_gpu.sass_summary()
         result["accuracy"] = "skipped: the tests stage checks the kernels" if skip_accuracy else \
             bench_gpu.accuracy(max_depth=3, backend="cpu")
         return
     out = c.out / "kernels.json"
-    c.supervisor().run([*PYTHON, REPO / "benchmarks" / "bench_gpu.py", "--min-seconds", "0.3", "--out", out,
-                        *(["--skip-accuracy"] if skip_accuracy else [])], seconds=c.left())
-    report = json.loads(out.read_text())
+    out.unlink(missing_ok=True)   # an earlier call's rows must not pass for this one's
+    try:
+        c.supervisor().run([*PYTHON, REPO / "benchmarks" / "bench_gpu.py", "--min-seconds", "0.3", "--out", out,
+                            *(["--skip-accuracy"] if skip_accuracy else [])], seconds=c.left())
+    finally:   # bench_gpu writes its rows as it measures them: a failed or stopped run keeps those
+        if out.exists():
+            kernel_rows(c, json.loads(out.read_text()), result)
+
+
+def kernel_rows(c: Campaign, report: dict, result: dict) -> None:
+    """bench_gpu.py's report into the stage's result, its depth-21 rates into the rate model."""
     c.rates.update(rates_from_kernels(report))
     result["rows"] = [{k: row[k] for k in ("arch", "depth", "fused_pairs_per_s", "baseline_pairs_per_s", "ratio",
                                            "fused_fraction_of_fp32_limit", "baseline_vs_fused_max_rel_diff")}
                       for row in report["results"]]
+    result["sass_count"] = report.get("sass_count")
     result["accuracy_passed"] = (report.get("accuracy") or {}).get("passed")
     result["projection_cntk_v_s"] = (report.get("projection_cntk_v_all_depths_to_21") or {}).get("kernel_seconds")
 
@@ -252,37 +281,32 @@ def first_run_s(c: Campaign, stage: str) -> float:
 def stage_table(c: Campaign, result: dict, *, stage: str) -> None:
     runs = result.setdefault("runs", {})
     for run in table_runs(stage, c.rehearse):
-        try:
-            runs[run.name] = table_run(c, run)
-        except OutOfTime as exc:   # the run's record so far, then the stage ends out of time
-            runs[run.name] = getattr(exc, "record", {})
-            raise
+        runs[run.name] = {}   # in the stage's result from the start: a checkpoint records it as it fills
+        table_run(c, run, runs[run.name])
 
 
-def table_run(c: Campaign, run: TableRun) -> dict:
-    """Kernel run, lam = 0 solve, then (when it fits) the validated-lam solve of one table run; returns its record.
+def table_run(c: Campaign, run: TableRun, record: dict) -> None:
+    """Kernel run, lam = 0 solve, then (when it fits) the validated-lam solve of one table run, into `record`.
     OutOfTime from the kernel run propagates after the record is filled (store status included)."""
     model = c.model()
     store = c.work / f"{run.name}.zarr"
     n_train, n_test = run_sizes(run, run_overrides(run, c))
     pairs = pairs_of(n_train, n_test)
     reserve = model.solve_reserve_s
-    depths = store_depths(store) or model.depths_that_fit(run.arch, pairs, c.left() - reserve - GRACE_S)
+    depths = store_depths(store) or choose_depths(c, run, pairs, record)
     if not depths:
-        first = model.depths[0]
-        return {"status": "skipped", "why": f"depth {first} needs ~{model.run_s(run.arch, pairs, first):.0f} s, "
-                                            f"{max(c.left(), 0):.0f} s left"}
-    record = {"depths": depths, "capped": depths[-1] < TABLE_DEPTHS[-1] and not c.rehearse, "n_train": n_train,
-              "n_test": n_test, "pairs": pairs, "predicted_s": round(model.run_s(run.arch, pairs, depths[-1]))}
+        return
+    record.update({"depths": depths, "capped": depths[-1] < TABLE_DEPTHS[-1] and not c.rehearse,
+                   "n_train": n_train, "n_test": n_test, "pairs": pairs,
+                   "predicted_s": round(model.run_s(run.arch, pairs, depths[-1]))})
     done_before, _ = store_tiles(store)
     command = run_command(run, run_overrides(run, c, depths=depths), trust_records=store.exists())
     t0 = c.clock()
     try:   # a store of an earlier call on this machine minutes ago is trusted: no checksum pass over it
         c.supervisor().run(command, seconds=c.left() - reserve - GRACE_S, resumable=True)
-    except OutOfTime as exc:
+    except OutOfTime:
         done, total = store_tiles(store)
         record.update(kernel_s=round(c.clock() - t0, 1), store_status=f"{done}/{total} tiles done")
-        exc.record = record
         raise
     record["kernel_s"] = round(c.clock() - t0, 1)
     record["tiles_computed"] = store_tiles(store)[0] - done_before
@@ -300,14 +324,62 @@ def table_run(c: Campaign, run: TableRun) -> dict:
     need = model.validate_s(len(depths))
     if need > c.left():
         record["validated"] = f"skipped: needs ~{need:.0f} s, {max(c.left(), 0):.0f} s left"
-        return record
+        return
     try:
         record["validate_s"] = solve_to(c, run, store, validated, validate=True)
     except RuntimeError as exc:   # stopped at the budget or failed: the lam = 0 results above stay
         record["validated"] = f"not finished: {exc}"[:300]
-        return record
+        return
     record["validated"] = "done"
-    return publish(c, run, record, validated)   # lam = 0 rows included
+    publish(c, run, record, validated)   # lam = 0 rows included
+
+
+def choose_depths(c: Campaign, run: TableRun, pairs: int, record: dict) -> list[int]:
+    """A new store's depths: those whose single pass fits the time left and whose arrays fit the disk free now.
+    `record` gets the free disk, what capped the depths, or why none fits (then [])."""
+    from cntk_gram.pipeline.plan import free_bytes
+    model = c.model()
+    in_time = model.depths_that_fit(run.arch, pairs, c.left() - model.solve_reserve_s - GRACE_S)
+    free = free_bytes(c.work)
+    depths = depths_on_disk(c, run, in_time, free)
+    record["disk_free_gib"] = round(free / 2**30, 1)
+    if depths and depths[-1] < TABLE_DEPTHS[-1] and not c.rehearse:
+        record["capped_by"] = "disk" if len(depths) < len(in_time) else "budget"
+    if not in_time:
+        first = model.depths[0]
+        record.update(status="skipped", why=f"depth {first} needs ~{model.run_s(run.arch, pairs, first):.0f} s, "
+                                            f"{max(c.left(), 0):.0f} s left")
+    elif not depths:
+        record.update(status="skipped", why=f"depth {in_time[0]}'s store needs "
+                                            f"{store_bytes(c, run, in_time[:1]) / 2**30:.1f} GiB and "
+                                            f"{DISK_SPARE / 2**30:.0f} GiB spare, the disk has {free / 2**30:.1f} "
+                                            f"GiB free")
+    return depths
+
+
+# Kept free beside a new store's Gram arrays: its input images (0.7 GB at 60,000), the solver's reports, the
+# records and the file system's own margin.
+DISK_SPARE = 2 * 2**30
+
+
+def store_bytes(c: Campaign, run: TableRun, depths) -> int:
+    """Bytes of the run's Gram arrays at these depths once complete, by the package's own plan (one float32
+    tile x tile chunk per planned tile and array): table1-v at 5 depths is ~35 GB."""
+    from cntk_gram.pipeline.config import load_config
+    from cntk_gram.pipeline.plan import run_cost
+    from cntk_gram.pipeline.store import planned_arrays
+    overrides = run_overrides(run, c, depths=depths)
+    config = load_config(REPO / run.config, overrides)
+    n_train, n_test = run_sizes(run, overrides)
+    return run_cost(n_train=n_train, n_test=n_test, size=config.tiles.size, test_test=config.data.test_test,
+                    arrays=len(planned_arrays(config)), store_path=c.work).store_bytes
+
+
+def depths_on_disk(c: Campaign, run: TableRun, depths: list[int], free: int) -> list[int]:
+    """The longest prefix of `depths` whose store fits `free` bytes with DISK_SPARE left over."""
+    while depths and store_bytes(c, run, depths) + DISK_SPARE > free:
+        depths = depths[:-1]
+    return depths
 
 
 def solve_to(c: Campaign, run: TableRun, store: Path, report: Path, *, validate: bool) -> float:
@@ -330,8 +402,9 @@ def solve_memory_budget() -> str:
     return f"{max(1, int(0.6 * ram) // 2**30)}GiB"
 
 
-def publish(c: Campaign, run: TableRun, record: dict, report: Path) -> dict:
-    """The run's results.md from `report` becomes DIR/results-<run>.md (replacing an earlier one); returns record."""
+def publish(c: Campaign, run: TableRun, record: dict, report: Path) -> None:
+    """The run's results.md from `report` becomes DIR/results-<run>.md (replacing an earlier one), and reaches the
+    call's --out at once with the records (a call cut off later still returns it)."""
     record["results"] = f"results-{run.name}.md"
     shutil.copyfile(report / "results.md", c.out / record["results"])
-    return record
+    c.checkpoint()

@@ -40,6 +40,7 @@ class Campaign:
     device: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)   # measured by `kernels`: {arch: pairs/s at depth 21}
     start: float | None = None
+    checkpoint: Callable[[], None] = lambda: None   # writes the records and mirrors them now (set by the campaign)
 
     def __post_init__(self):
         if self.start is None:
