@@ -17,21 +17,29 @@ from cntk_gram.pipeline.ridge import SolveOptions
 class Solved:
     """rows: solve_store's rows; paths: {name: path} of the report files; columns: kernel key -> the paper
     column printed beside it (only those measured under the store's protocol); store: the store solved;
-    run: the kernel run's summary (pipeline.run.RunSummary) when the store was computed first (`reproduce`)."""
+    run: the kernel run's summary (pipeline.run.RunSummary) when the store was computed first (`reproduce`);
+    curve: the learning curve's rows (solve.solve_store_with_curve), empty without train sizes."""
     rows: list[SolveRow]
     paths: dict[str, Path]
     columns: dict[str, PaperColumn]
     store: Path | None = None
     run: object | None = None
+    curve: list[SolveRow] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         """What `cntk solve --json` / `cntk paper --json` print: {store, rows: [row dicts, results.SolveRow],
         paths: {json, markdown, accuracy_plot, confusion_plot (when a kernel was solved)}: file paths,
-        paper_columns: {kernel: the paper column beside it}}, plus run (RunSummary fields) for `cntk paper`."""
+        paper_columns: {kernel: the paper column beside it}}, plus run (RunSummary fields) for `cntk paper`; with a
+        learning curve also curve (its row dicts) and power_law (curve.power_law_fits; paths.learning_curve)."""
         out = {"store": None if self.store is None else str(self.store),
                "rows": [row.to_dict() for row in self.rows],
                "paths": {name: str(path) for name, path in self.paths.items()},
                "paper_columns": {kernel: column.label for kernel, column in sorted(self.columns.items())}}
+        if self.curve:
+            from cntk_gram.pipeline.curve import power_law_fits
+
+            out["curve"] = [row.to_dict() for row in self.curve]
+            out["power_law"] = power_law_fits(out["curve"])
         if self.run is not None:
             out["run"] = dataclasses.asdict(self.run)
         return out
@@ -53,17 +61,18 @@ def default_out(store: str | Path) -> Path:
 
 def solve_and_report(store: str | Path, options: SolveOptions = SolveOptions(), *, kernels=None, depths=None,
                      force: bool = False, out: str | Path | None = None, reference: bool = True,
-                     title: str | None = None, extra: dict | None = None,
-                     progress: Callable[[str], None] | None = None) -> Solved:
+                     title: str | None = None, extra: dict | None = None, train_sizes=(),
+                     validate_sizes: bool = False, progress: Callable[[str], None] | None = None) -> Solved:
     """Solve every selected kernel of `store` (solve.solve_store) and write the report (report.write_report).
 
     options: how to solve (ridge.SolveOptions); its scratch_dir None means beside the store (same disk).
     kernels/depths: filters; force: solve again what is saved with the same options; out: report directory
     (default_out when None); reference: print the paper's values where its protocol matches the store's
-    (pipeline.paper); extra: more top-level fields of results.json.
+    (pipeline.paper); extra: more top-level fields of results.json; train_sizes / validate_sizes: the learning curve
+    (solve.solve_store_with_curve; its rows, power law and learning_curve.png go into the report).
     """
     from cntk_gram.pipeline.report import columns_for, write_report
-    from cntk_gram.pipeline.solve import DeviceUnavailable, solve_store
+    from cntk_gram.pipeline.solve import DeviceUnavailable, solve_store_with_curve
 
     store = Path(store)
     if not store.exists():
@@ -71,13 +80,15 @@ def solve_and_report(store: str | Path, options: SolveOptions = SolveOptions(), 
     if options.scratch_dir is None:
         options = dataclasses.replace(options, scratch_dir=store.resolve().parent)
     try:
-        rows = solve_store(store, options, kernels=kernels, depths=depths, force=force, progress=progress)
+        rows, curve = solve_store_with_curve(store, options, train_sizes=train_sizes, validate_sizes=validate_sizes,
+                                             kernels=kernels, depths=depths, force=force, progress=progress)
     except DeviceUnavailable as exc:
         raise UserError(str(exc)) from None
     protocol = store_protocol(store) if reference else None
     paths = write_report(rows, out_dir=Path(out) if out else default_out(store),
-                         title=title or f"Kernel regression on {store.name}", protocol=protocol, extra=extra)
-    return Solved(rows=rows, paths=paths, columns=columns_for(rows, protocol), store=store)
+                         title=title or f"Kernel regression on {store.name}", protocol=protocol, extra=extra,
+                         curve=curve)
+    return Solved(rows=rows, paths=paths, columns=columns_for(rows, protocol), store=store, curve=curve)
 
 
 def reproduce(config_path: str | Path, options: SolveOptions = SolveOptions(), *, scheduler: str | None = None,

@@ -17,6 +17,9 @@ What it does, exactly:
   on every exit, failures included. With `progress`, each finished panel of a multi-panel factorisation is
   reported: columns done, elapsed time and an ETA from the cubic work model (`work_done`).
 - `cho_solve_blocked(L, b)`: x = (L L^T)^-1 b, reading each panel twice (forward, then backward).
+- `prefix_solves(L, b, sizes)`: the same for the leading s x s block of L L^T, every s in sizes at once, still
+  reading each panel twice: L[:s, :s] is the Cholesky factor of (K + shift·I)[:s, :s] for a fixed shift, so one
+  factorisation serves every training-set prefix (the ridgeless learning curve, pipeline.curve).
 
 Memory on the CPU, with memory_budget B (default 12 GiB, for a 24 GiB machine):
 
@@ -366,24 +369,41 @@ def _keep(p, factor: CholeskyFactor, k: int):
 
 def cho_solve_blocked(factor: CholeskyFactor, b: np.ndarray) -> np.ndarray:
     """x = (L L^T)^-1 b. b: (n, m) float64 host array. Returns (n, m) float64 host array."""
+    return prefix_solves(factor, b, [factor.n])[factor.n]
+
+
+def prefix_solves(factor: CholeskyFactor, b: np.ndarray, sizes) -> dict[int, np.ndarray]:
+    """x_s = (L_s L_s^T)^-1 b[:s] for every s in sizes, with L_s = L[:s, :s] (the factor of K[:s, :s] + shift·I:
+    the leading block of a Cholesky factor is the factor of the leading block), reading each panel twice in all.
+
+    b: (n, m) float64 host array; sizes: ints in 1..n. Returns {s: (s, m) float64 host array}. Forward, one pass
+    for all sizes: L y = b, since y[:s] solves L_s y_s = b[:s]. Backward, one pass in reverse panel order, every
+    size at once: L_s^T x_s = y[:s], each size using the part of the panel above its row s.
+    """
     xp = factor.xp
-    x = xp.asarray(np.array(b, dtype=np.float64))
-    if factor.n != x.shape[0]:
-        raise ValueError(f"right-hand side has {x.shape[0]} rows, factor has {factor.n}")
+    y = xp.asarray(np.array(b, dtype=np.float64))
+    if factor.n != y.shape[0]:
+        raise ValueError(f"right-hand side has {y.shape[0]} rows, factor has {factor.n}")
+    sizes = sorted({int(s) for s in sizes})
+    if sizes and not 1 <= sizes[0] <= sizes[-1] <= factor.n:
+        raise ValueError(f"sizes must lie in 1..{factor.n}, got {sizes}")
     tri = solve_triangular if xp is np else __import__("cupyx.scipy.linalg", fromlist=["x"]).solve_triangular
     for (c0, c1), panel in zip(factor.bounds, factor.panels):         # forward: L y = b
         lk = xp.asarray(panel)
         w = c1 - c0
-        x[c0:c1] = tri(lk[:w], x[c0:c1], lower=True)
-        x[c1:] -= lk[w:] @ x[c0:c1]
+        y[c0:c1] = tri(lk[:w], y[c0:c1], lower=True)
+        y[c1:] -= lk[w:] @ y[c0:c1]
         _release(panel)
-    for (c0, c1), panel in reversed(list(zip(factor.bounds, factor.panels))):   # backward: L^T x = y
+    x = {s: y[:s].copy() for s in sizes}
+    for (c0, c1), panel in reversed(list(zip(factor.bounds, factor.panels))):   # backward: L_s^T x_s = y[:s]
         lk = xp.asarray(panel)
-        w = c1 - c0
-        x[c0:c1] -= lk[w:].T @ x[c1:]
-        x[c0:c1] = tri(lk[:w], x[c0:c1], lower=True, trans="T")
+        for s in (s for s in sizes if s > c0):
+            w = min(c1, s) - c0                  # the panel's columns inside the leading s x s block
+            xs = x[s]
+            xs[c0:c0 + w] -= lk[w:s - c0, :w].T @ xs[c0 + w:s]
+            xs[c0:c0 + w] = tri(lk[:w, :w], xs[c0:c0 + w], lower=True, trans="T")
         _release(panel)
-    return x if xp is np else xp.asnumpy(x)
+    return {s: (v if xp is np else xp.asnumpy(v)) for s, v in x.items()}
 
 
 def mean_diagonal(a: da.Array) -> float:

@@ -8,16 +8,21 @@ function here takes either form.
 Random-features kernels ('rf-...') have one row per draw (with 'draw'); the tables show one line per rf kernel
 and depth instead: the median [min, max] accuracy over its draws (rf_summaries), placed after the exact
 kernel's line of the same depth. The median is what compares with the paper's "RF" columns.
+A learning curve (`curve`: rows of the first n training images, solve.solve_store_with_curve) adds
+learning_curve.png, a Markdown section and results.json's curve and power_law.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
-from cntk_gram.pipeline.paper import SOURCE, PaperColumn, Protocol, matching_columns
+from cntk_gram.pipeline.curve import power_law_fits
+from cntk_gram.pipeline.paper import COLUMNS, DATA_NOTE, SOURCE, PaperColumn, Protocol, matching_columns
 from cntk_gram.workers.vocab import KernelKey
 from cntk_gram.pipeline.results import row_dicts
 
@@ -252,7 +257,8 @@ def columns_for(rows: list[dict], protocol: Protocol | None) -> Columns:
 
 def paper_summary(protocol: Protocol | None, columns: Columns) -> dict:
     """What the report says about the paper column: the protocol and each matching column's values."""
-    return {"source": SOURCE, "protocol": None if protocol is None else protocol.describe(),
+    note = {"data_note": DATA_NOTE} if columns else {}
+    return {"source": SOURCE, "protocol": None if protocol is None else protocol.describe(), **note,
             "columns": [{"kernel": kernel, "table": c.table, "column": c.column, "source": c.source,
                          "note": c.note or None, "n_train": c.n_train,
                          "n_test": c.n_test, "classes": c.classes, "accuracy_percent": c.accuracy}
@@ -266,18 +272,20 @@ def paper_note(protocol: Protocol | None, columns: Columns) -> str:
         sources = sorted({c.source for c in columns.values()})
         notes = "".join(f" {c.column}: {c.note}." for _, c in sorted(columns.items()) if c.note)
         return (f"Paper column: {'; '.join(sources)}, on the same images ({protocol.describe()}): {used}.{notes} "
-                f"n/a: the paper has no value for that kernel under this protocol.")
+                f"n/a: the paper has no value for that kernel under this protocol. {DATA_NOTE}")
     where = "" if protocol is None else f" ({protocol.describe()})"
     return f"Paper column: n/a everywhere: no published value was measured under this protocol{where}."
 
 
 def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | None = None,
-                 extra: dict | None = None) -> dict[str, Path]:
-    """Write results.json, results.md, accuracy_vs_depth.png, confusion_best.png into out_dir.
+                 extra: dict | None = None, curve: list[dict] | None = None) -> dict[str, Path]:
+    """Write results.json, results.md, accuracy_vs_depth.png, confusion_best.png into out_dir; with a learning
+    curve also learning_curve.png.
 
     protocol: how the store's images were chosen; the paper's values are printed only for the columns
-    measured under exactly this protocol (None: no paper column)."""
-    rows = row_dicts(rows)
+    measured under exactly this protocol (None: no paper column). curve: the learning curve's rows (SolveRow or
+    dicts, n_train = each size), in results.json's curve with its power law fits (curve.power_law_fits)."""
+    rows, curve = row_dicts(rows), row_dicts(curve or [])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = columns_for(rows, protocol)
@@ -307,6 +315,134 @@ def write_report(rows: list[dict], *, out_dir, title: str, protocol: Protocol | 
             title=f"{best['kernel']}{draw} depth {best['depth']}, λ={setting['lambda']:g}: "
                   f"{100 * setting['accuracy']:.2f}% (chosen by {summary['best']['chosen_by']})")
         lines += [f"Best kernel (by {summary['best']['chosen_by']}): {best['kernel']} depth {best['depth']}.", ""]
+    if curve:
+        fits, points = power_law_fits(curve), curve_paper_points(curve, protocol)
+        summary.update(curve=curve, power_law=fits)
+        paths["learning_curve"] = plot_learning_curve(curve, out / "learning_curve.png", title=title, fits=fits,
+                                                      paper=points)
+        lines += curve_markdown(curve, fits, points)
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
     paths["markdown"].write_text("\n".join(lines))
     return paths
+
+
+# ---------------------------------------------------------------- the learning curve
+
+PaperPoint = tuple[PaperColumn, int, float]       # (column, depth, accuracy in percent) at n = column.n_train
+
+
+def curve_paper_points(curve: list[dict], protocol: Protocol | None) -> list[PaperPoint]:
+    """The paper's published values that sit on the curve: a column of the paper (not the other references) for one
+    of the curve's exact kernels, measured under the store's protocol with the column's training-set size (the
+    first n images), at most the store's own size, at the depths the curve has. Table 1's -2K and full columns on a
+    CIFAR-10 store of the first 50,000 training and all 10,000 test images, say."""
+    if protocol is None or not curve:
+        return []
+    lines = {(r["kernel"], r["depth"]) for r in curve if r.get("draw") is None}
+    largest = max(r["n_train"] for r in curve)
+    points = []
+    for column in COLUMNS:
+        if column.source != SOURCE or column.n_train > largest:
+            continue
+        if matching_columns(dataclasses.replace(protocol, n_train=column.n_train)).get(column.kernel) == column:
+            points += [(column, depth, value) for depth, value in sorted(column.accuracy.items())
+                       if (column.kernel, depth) in lines]
+    return points
+
+
+def _curve_lines(curve: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """(kernel, depth) of the exact kernels -> their curve rows, by size."""
+    lines: dict[tuple[str, int], list[dict]] = {}
+    for row in sorted(curve, key=lambda r: r["n_train"]):
+        if row.get("draw") is None:
+            lines.setdefault((row["kernel"], row["depth"]), []).append(row)
+    return dict(sorted(lines.items()))
+
+
+def plot_learning_curve(curve: list[dict], path: Path, *, title: str, fits: list[dict],
+                        paper: list[PaperPoint]) -> Path:
+    """Test error (%) against training images n, log-log: one line per exact kernel and depth (λ=0 solid,
+    validated λ dashed when there), its power law dotted over the range it was fitted on, the paper's points ×."""
+    fig = Figure(figsize=(6.8, 4.6))
+    ax = fig.add_subplot()
+    colors = {key: f"C{i % 10}" for i, key in enumerate(_curve_lines(curve))}
+    for key, members in _curve_lines(curve).items():
+        for setting, style, name in (("ridgeless", "-o", "λ=0"), ("validated", "--s", "λ validated")):
+            pts = [(r["n_train"], 100 * (1 - r[setting]["accuracy"])) for r in members
+                   if (r.get(setting) or {}).get("accuracy") is not None and r[setting]["accuracy"] < 1]
+            if pts:   # (a test error of 0 has no place on a log axis)
+                ax.plot(*zip(*pts), style, color=colors[key], markersize=4, label=f"{key[0]} depth {key[1]} {name}")
+    for fit in fits:
+        if "beta" in fit and (fit["kernel"], fit["depth"]) in colors:
+            n = np.geomspace(fit["n_min"], fit["n_max"], 100)
+            ax.plot(n, 100 * (fit["a"] * n ** -fit["beta"] + fit["c"]), ":", linewidth=1,
+                    color=colors[(fit["kernel"], fit["depth"])])
+    for column, depth, value in paper:
+        ax.plot(column.n_train, 100 - value, "x", markersize=9, color=colors[(column.kernel, depth)])
+    if paper:
+        ax.plot([], [], "xk", label=f"paper: {', '.join(sorted({c.label for c, _, _ in paper}))} (line's colour)")
+    if ax.lines:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("training images n (the first n of the store)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{title}: learning curve (dotted: power law fit)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def format_curve(curve: list[dict]) -> str:
+    """The learning curve as a fixed-width text table: kernel, depth (, draw), n, test accuracy λ=0 and λ*."""
+    lines = [("kernel", "depth", "n", "acc λ=0 (%)", "acc λ* (%)")]
+    for row in row_dicts(curve):
+        p, v = row.get("ridgeless") or {}, row.get("validated") or {}
+        draw = "" if row.get("draw") is None else f" draw {row['draw']}"
+        lines.append((row["kernel"] + draw, str(row["depth"]), f"{row['n_train']:,}",
+                      "error" if "error" in row or "error" in p else _pct(p.get("accuracy")),
+                      "" if not v else ("error" if "error" in v else _pct(v.get("accuracy")))))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def curve_markdown(curve: list[dict], fits: list[dict], paper: list[PaperPoint]) -> list[str]:
+    """The report's learning-curve section: one table line per kernel, depth and size, then the power law fits and
+    the range they were fitted over."""
+    published = {(c.kernel, depth, c.n_train): (value, c.label) for c, depth, value in paper}
+    lines = ["## Learning curve", "",
+             "Kernel regression on the first n training images, scored on all test images (`learning_curve.png`).",
+             "", "| kernel | depth | n | acc λ=0 (%) | error λ=0 (%) | λ* | acc λ* (%) | paper (%) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (kernel, depth), members in _curve_lines(curve).items():
+        for row in members:
+            p, v = row.get("ridgeless") or {}, row.get("validated") or {}
+            acc = "incomplete" if "error" in row else _pct(p.get("accuracy"))
+            error = "" if p.get("accuracy") is None else f"{100 * (1 - p['accuracy']):.2f}"
+            value = published.get((kernel, depth, row["n_train"]))
+            lines.append(f"| {kernel} | {depth} | {row['n_train']:,} | {acc} | {error} | "
+                         f"{'' if 'lambda' not in v else format(v['lambda'], 'g')} | "
+                         f"{'' if not v else _pct(v.get('accuracy'))} | "
+                         f"{'n/a' if value is None else f'{value[0]:.2f} ({value[1]})'} |")
+    fitted = [f for f in fits if "beta" in f]
+    lines += [""]
+    if fitted:
+        low, high = min(f["n_min"] for f in fitted), max(f["n_max"] for f in fitted)
+        most = max(f["points"] for f in fitted)
+        lines += [f"Power law: test error ≈ a·n^(−β) + c, fitted by least squares to the ridgeless test error of "
+                  f"each kernel and depth over n = {low:,} to {high:,} ({most} sizes at most per line); it describes "
+                  f"that range only, and c is a fitted constant, not a measured floor.", "", "| kernel | depth | β | a | c (%) | RMS residual (points) | fitted over n |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {f['kernel']} | {f['depth']} | {f['beta']:.3f} | {f['a']:.3g} | {100 * f['c']:.2f} | "
+                  f"{100 * f['rms_residual']:.2f} | {f['n_min']:,} to {f['n_max']:,} ({f['points']} sizes) |"
+                  for f in fitted]
+        lines += [""]
+    lines += [f"No power law for {f['kernel']} depth {f['depth']}: {f['error']}." for f in fits if "error" in f]
+    if paper:
+        lines += ["", f"Paper points (×): {', '.join(sorted({c.label for c, _, _ in paper}))}, where the paper's "
+                      f"protocol is the curve's at that n. {DATA_NOTE}"]
+    return lines + [""]

@@ -14,7 +14,9 @@ A row as JSON (SolveRow.to_dict; a key whose value does not apply is absent):
 
 In the store: solve/{key}/depth-{D}[/draw-{R}] is a group whose attributes are the row (written last, so a group
 without them is unfinished) and whose arrays are {setting}/alpha (n_train, C) float64, {setting}/scores
-(n_test, C) float64 and {setting}/predictions (n_test,) int64 for setting in ridgeless, validated.
+(n_test, C) float64 and {setting}/predictions (n_test,) int64 for setting in ridgeless, validated. A learning-curve
+point of the first n training images (pipeline.curve) is a row with n_train = n, kept the same way in that group's
+subgroup train-{n} (curve_path), which saving the row again leaves in place.
 
 Before, the λ = 0 setting was keyed 'paper' (rows, rf_summary, best.setting), easy to confuse with the published
 paper's numbers: SolveRow.from_dict, upgrade_row and read_results map the old key.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 SETTINGS = ("ridgeless", "validated")
+CURVE_PREFIX = "train-"                     # solve/.../train-{n}: the learning-curve point of the first n images
 LEGACY_SETTING = {"paper": "ridgeless"}     # old key -> new key
 
 
@@ -168,15 +171,31 @@ def solution_path(key: str, depth: int, draw: int | None = None) -> str:
     return f"solve/{key}/depth-{depth}" + ("" if draw is None else f"/draw-{draw}")
 
 
-def save_row(group, row: SolveRow, arrays: dict[str, dict]) -> None:
-    """Replace the row's group in the store (zarr group `group` opened r+): the arrays {setting: {name: array}}
-    first, the row as attributes last (a group without them is an unfinished solve)."""
+def curve_path(key: str, depth: int, draw: int | None, n_train: int) -> str:
+    """Store group of one learning-curve point (the first n_train training images): solution_path/train-{n}."""
+    return f"{solution_path(key, depth, draw)}/train-{n_train}"
+
+
+def save_row(group, row: SolveRow, arrays: dict[str, dict], path: str | None = None) -> None:
+    """Replace the row's solution in the store (zarr group `group` opened r+) at `path` (default row.path): its
+    attributes are emptied first (a group without them is an unfinished solve), then its arrays {setting: {name:
+    array}} replace all it held, and the row is written as attributes last. Learning-curve points inside it
+    (curve_path's train-{n} groups) are kept."""
     import numpy as np
 
-    target = group.create_group(row.path, overwrite=True)
+    path = path or row.path
+    try:
+        target = group.require_group(path)
+    except Exception:  # its metadata cut short by a kill: start it afresh (its curve points are solved again)
+        target = group.create_group(path, overwrite=True)
+    target.attrs.put({})
+    for name in [name for name, _ in target.groups() if not name.startswith(CURVE_PREFIX)]:
+        del target[name]
+    for name in [name for name, _ in target.arrays()]:
+        del target[name]
     for setting, named in arrays.items():
         for name, value in named.items():
-            group.create_array(f"{row.path}/{setting}/{name}", data=np.asarray(value), overwrite=True)
+            group.create_array(f"{path}/{setting}/{name}", data=np.asarray(value), overwrite=True)
     target.attrs.put(row.to_dict())
 
 

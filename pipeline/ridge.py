@@ -194,8 +194,9 @@ def smallest_working_lambda(k_train: da.Array, *, options: SolveOptions = SolveO
     return None
 
 
-def not_pd_message(err: NotPositiveDefinite, working: float | None, lambdas) -> str:
-    """One line: what failed and the smallest lam in the grid that works (or how to get one)."""
+def not_pd_message(err: NotPositiveDefinite | str, working: float | None, lambdas) -> str:
+    """One line: what failed (the exception or its message) and the smallest lam in the grid that works (or how
+    to get one)."""
     grid = ", ".join(f"{x:g}" for x in sorted(lambdas))
     if working is None:
         return f"{err}; no λ in the grid ({grid}) works: add larger values with --lambdas"
@@ -318,11 +319,13 @@ def select_lambda(k_train: da.Array, train_labels: np.ndarray, *, n_classes: int
 # ---------------------------------------------------------------- one Gram matrix
 
 def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: SolveOptions = SolveOptions(),
-                 progress: Progress | None = None, label: str = "") -> KernelSolution:
+                 progress: Progress | None = None, label: str = "", ridgeless: Fit | None = None) -> KernelSolution:
     """Kernel regression for one Gram matrix: the ridgeless λ = 0 fit and, with options.validate, the validated λ.
 
     gram: (N, N) dask array, rows/cols train then test; labels: (N,) int (test labels are used for scoring only,
-    after predictions exist). A fit that is not positive definite carries error and smallest_working_lambda.
+    after predictions exist). ridgeless: the λ = 0 fit when it is already made (pipeline.curve factors once for
+    several training-set sizes), else it is fitted here. A fit that is not positive definite carries error (its
+    one line, then also the smallest λ of the grid that works) and smallest_working_lambda.
     Raises IncompleteKernel (NaN tiles) and NotPositiveDefinite (no λ of the grid factors on the fit images).
     """
     from cntk_gram.workers.preprocess import targets
@@ -332,7 +335,6 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: S
     n_classes = int(train_labels.max()) + 1
     k_train, k_cross = gram[:n_train, :n_train], gram[:n_train, n_train:]
     y_train = targets(train_labels, n_classes=n_classes)
-    failures: dict[int, NotPositiveDefinite] = {}
 
     def fit(lam: float) -> Fit:
         if progress:
@@ -340,9 +342,7 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: S
         try:
             alpha = fit_alpha(k_train, y_train, lam=lam, options=options, progress=progress, label=label)
         except NotPositiveDefinite as err:
-            result = Fit(lam=lam, error=str(err))
-            failures[id(result)] = err
-            return result
+            return Fit(lam=lam, error=str(err))
         if progress:
             progress(f"{label}λ = {lam:g}: predicting {k_cross.shape[1]:,} test images")
         scores = predict_scores(k_cross, alpha)
@@ -351,7 +351,7 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: S
                    predictions=predictions)
 
     solution = KernelSolution(n_train=int(n_train), n_test=int(test_labels.size), n_classes=n_classes,
-                              ridgeless=fit(0.0))
+                              ridgeless=ridgeless if ridgeless is not None else fit(0.0))
     if options.validate:
         solution.selection = select_lambda(k_train, train_labels, n_classes=n_classes, options=options,
                                            progress=progress, label=label)
@@ -370,5 +370,5 @@ def solve_kernel(gram: da.Array, *, labels: np.ndarray, n_train: int, options: S
                                           progress=progress, label=label)
         for f in failed:
             f.smallest_working_lambda = working
-            f.error = not_pd_message(failures[id(f)], working, options.lambdas)
+            f.error = not_pd_message(f.error, working, options.lambdas)
     return solution

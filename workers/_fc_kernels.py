@@ -1,4 +1,5 @@
-"""Numba pass behind `cntk_gram.workers.fc`: every ReLU layer of the fully-connected NTK/NNGP for one tile.
+"""Numba code behind `cntk_gram.workers.fc`: the tile's product x.y on numba's threads, then every ReLU layer of the
+fully-connected NTK/NNGP in one pass.
 
 The kernel of a pair depends only on the norms |x|, |y| and the cosine rho = x.y / (|x||y|): with c_sigma = 2 every
 layer keeps the variances, so one layer maps (rho, t) to
@@ -75,6 +76,43 @@ def _dot64(u, v):
     for f in range(len(u)):
         acc += np.float64(u[f]) * np.float64(v[f])
     return acc
+
+
+@nb.njit(parallel=True, **JIT)
+def row_norms(f):
+    """(N, F) rows -> float64 (N,) Euclidean norms, summed in float64 (_dot64)."""
+    out = np.empty(len(f))
+    for i in nb.prange(len(f)):
+        out[i] = math.sqrt(_dot64(f[i], f[i]))
+    return out
+
+
+@nb.njit(parallel=True, **JIT)
+def product(fx, fy, sym, threads, gram):
+    """gram = fx fy' on numba's threads, one BLAS call (np.dot, scipy's BLAS) per block; the caller limits the BLAS to
+    one thread. fx: (n, F), fy: (m, F), gram: (n, m), all float32 or all float64; threads: numba.get_num_threads()
+    (passed in: called here it would keep numba from caching this function).
+
+    sym (fy is fx): only the blocks on and above the diagonal of a B x B grid, B = 2 x threads, each written to both
+    triangles (a diagonal block mirrors its upper triangle), so gram is exactly symmetric; T(2T+1) products of one
+    size, an equal share per thread, (B+1)/2B of the full square's flops. Otherwise one block of rows per thread.
+    """
+    n, m = gram.shape
+    if not sym:
+        for k in nb.prange(threads):
+            rows = slice(k * n // threads, (k + 1) * n // threads)
+            np.dot(fx[rows], fy.T, gram[rows])
+        return
+    blocks = 2 * threads
+    pairs = [(i, j) for i in range(blocks) for j in range(i, blocks)]
+    for t in nb.prange(len(pairs)):
+        i, j = pairs[t]
+        r0, r1, c0, c1 = i * n // blocks, (i + 1) * n // blocks, j * n // blocks, (j + 1) * n // blocks
+        part = np.dot(fx[r0:r1], fx[c0:c1].T)
+        if i == j:
+            part = np.triu(part) + np.triu(part, 1).T
+        gram[r0:r1, c0:c1] = part
+        gram[c0:c1, r0:r1] = part.T
 
 
 @nb.njit(parallel=True, **JIT)

@@ -6,17 +6,14 @@ exactly 1 by Cauchy-Schwarz, so those entries are set exactly (identical images 
 stays within ~1e-7 relative of the float64 reference, and float32 doubles the SIMD width. `dtype=np.float64` runs the
 same loops with libm arccos (slower; matches the reference to ~1e-15).
 """
-import threading
-
 import numpy as np
 
 from . import _cpu_kernels as _k
+from ._lock import NUMBA_LOCK
 from .enhanced import flip_average, flip_images, lap_weights
+from .fc import fc_kernels
 from .validate import check_tile_call, same_images
 from .vocab import LAP_ARCH, KernelKey, output_keys
-
-# numba's default threading layer cannot run two parallel regions at once: serialise calls from Dask threads.
-_LOCK = threading.Lock()
 
 
 def diag_maps(x: np.ndarray, n_layers: int) -> np.ndarray:
@@ -123,7 +120,7 @@ def _conv_fc(x, yy, sym, archs, max_depth, depths, dtype, lap, mirror_sym=None):
         for arch in conv:
             arch_lap = lap if arch == LAP_ARCH else ()
             lap_w = lap_weights(arch_lap, p, q)
-            with _LOCK:
+            with NUMBA_LOCK:
                 ntk, nngp, lap_vals = _k.pair_kernels(xs, ys, rsx, sqx, rsy, sqy, rows, first_batch, same,
                                                       arch == "gap", consts, lap_w)
             # the keys of one arch in output_keys order, each with its values: ntk, nngp, then per c ntk, nngp
@@ -135,6 +132,5 @@ def _conv_fc(x, yy, sym, archs, max_depth, depths, dtype, lap, mirror_sym=None):
                     block = np.where(upper, block, block.transpose(0, 2, 1))
                 out[key] = block
     if "fc" in archs:
-        from .fc import fc_kernels
         out.update(fc_kernels(x, None if sym else yy, max_depth=max_depth, dtype=dtype, depths=depths))
     return out
