@@ -8,15 +8,21 @@
 #
 # Workers retire after CNTK_WORKER_LIFETIME (default none) +/- CNTK_LIFETIME_STAGGER and the
 # nanny starts a fresh process (--lifetime-restart), as a long-running cluster would.
+# TLS is on, as on every cluster deploy/ starts: a fresh certificate per start in DIR/scheduler-tls/, which the
+# `cntk` commands given DIR/scheduler.json find; CNTK_TLS=off opts out (deploy/README.md, "Security").
 set -euo pipefail
+source "$(dirname "$0")/slurm/common.sh"
 action=${1:?usage: deploy/local-cluster.sh start [N_WORKERS] [DIR] | stop [DIR]}
 
 start() {
   local n_workers=${1:-2} dir=${2:-runs/local-cluster}
   mkdir -p "$dir"
   rm -f "$dir/scheduler.json"
-  nohup dask scheduler --host 127.0.0.1 --port "${CNTK_SCHEDULER_PORT:-0}" --no-dashboard \
-    --scheduler-file "$dir/scheduler.json" > "$dir/scheduler.log" 2>&1 &
+  scheduler_tls_flags "$dir/scheduler.json" --new
+  local protocol=tcp
+  (( ${#TLS_ARGS[@]} )) && protocol=tls
+  nohup dask scheduler --host "$protocol://127.0.0.1" --port "${CNTK_SCHEDULER_PORT:-0}" --no-dashboard \
+    --scheduler-file "$dir/scheduler.json" "${TLS_ARGS[@]}" > "$dir/scheduler.log" 2>&1 &
   echo $! > "$dir/scheduler.pid"
   for (( waited = 0; waited < 60; waited++ )); do
     [[ -s $dir/scheduler.json ]] && break
@@ -29,9 +35,10 @@ start() {
     lifetime_args=(--lifetime "$CNTK_WORKER_LIFETIME" --lifetime-stagger "${CNTK_LIFETIME_STAGGER:-0s}"
                    --lifetime-restart)
   fi
+  worker_tls_flags "$dir/scheduler.json"
   NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-1} nohup dask worker --scheduler-file "$dir/scheduler.json" \
     --host 127.0.0.1 --nworkers "$n_workers" --nthreads 1 --no-dashboard --death-timeout 60 \
-    "${lifetime_args[@]}" > "$dir/workers.log" 2>&1 &
+    "${lifetime_args[@]}" "${TLS_ARGS[@]}" > "$dir/workers.log" 2>&1 &
   echo $! > "$dir/workers.pid"
   echo "scheduler file: $dir/scheduler.json"
 }

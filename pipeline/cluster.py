@@ -1,5 +1,11 @@
 """Dask clusters: connect to a running scheduler or start the embedded local one, set up GPU workers,
-and decide which tile backend the workers use.
+decide which tile backend the workers use, and make and find the TLS material of the clusters the deploy/ scripts
+start.
+
+TLS: every cluster deploy/ starts gets its own self-signed certificate (the cluster's CA and every member's
+certificate at once) and key, in a private folder beside its scheduler file (tls_dir); the scheduler then listens on
+tls:// only and requires the certificate of every peer (mutual TLS), so a client without the files cannot submit
+anything. `connect` finds the files by the scheduler file (or $CNTK_TLS_DIR for --scheduler tls://...).
 
 Every worker of the embedded cluster, CPU or GPU, gets the environment of worker_env: the thread
 counts must be in place before the worker imports numba or a BLAS.
@@ -7,15 +13,18 @@ counts must be in place before the worker imports numba or a BLAS.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 from cntk_gram.pipeline.config import ClusterConfig
 from cntk_gram.pipeline.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
-WORKER_WAIT_S = 60  # how long deciding backend 'auto' waits for a first worker
+WORKER_ASK_S = 60  # how long a worker that has joined may take to say which backend 'auto' means there
+TLS_CERT, TLS_KEY = "cert.pem", "key.pem"
 # Tile tasks per GPU worker: the GPU backend serialises device use (workers/gpu.py, _device_lock), so the
 # other slots only let tiles' host work (input read, copy to the host, store writes) overlap the current
 # tile's kernels. A tile's host work (~110 ms per 1000 x 1000 tile at 5 depths) outlasts its CNTK-V
@@ -38,16 +47,87 @@ def connect(*, scheduler: str | None, scheduler_file: str | None, set_as_default
         raise UserError(f"scheduler file {scheduler_file} does not exist; start the scheduler with "
                         f"--scheduler-file {scheduler_file} first")
     target = scheduler or scheduler_file
+    security = client_security(scheduler=scheduler, scheduler_file=scheduler_file)
     try:
-        client = Client(address=scheduler, scheduler_file=scheduler_file,
+        client = Client(address=scheduler, scheduler_file=scheduler_file, security=security,
                         timeout=f"{CONNECT_TIMEOUT_S}s", set_as_default=set_as_default)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        tls = " and that its TLS certificate is this cluster's" if security is not None else ""
         raise UserError(f"cannot reach the Dask scheduler at {target} within {CONNECT_TIMEOUT_S} s "
-                        f"({type(exc).__name__}); check the address and that the scheduler is running") from None
+                        f"({type(exc).__name__}); check the address and that the scheduler is running{tls}") from None
     try:
         yield client
     finally:
         client.close()
+
+
+def tls_dir(scheduler_file: str | os.PathLike) -> Path:
+    """Where a cluster's TLS files live: beside its scheduler file, runs/scheduler.json -> runs/scheduler-tls/."""
+    path = Path(scheduler_file)
+    return path.with_name(f"{path.stem}-tls")
+
+
+def make_tls(directory: str | os.PathLike, *, new: bool = False) -> Path:
+    """A cluster's TLS material in `directory` (mode 0700): TLS_CERT, one self-signed certificate that is both the
+    cluster's CA and the certificate of its scheduler, workers and clients, and TLS_KEY, its private key (both mode
+    0600). Made by distributed's Security.temporary (RSA 2048, valid one year). Files already there are kept unless
+    `new`. Returns the directory."""
+    from distributed import Security
+
+    directory = Path(directory)
+    if not new and (directory / TLS_CERT).is_file() and (directory / TLS_KEY).is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)  # mkdir's mode is masked by the umask, and a folder that existed keeps its own
+    made = Security.temporary()
+    for name, text in ((TLS_KEY, made.tls_scheduler_key), (TLS_CERT, made.tls_scheduler_cert)):
+        temporary = directory / f".{name}.tmp"
+        temporary.unlink(missing_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(temporary, directory / name)
+    return directory
+
+
+def tls_security(directory: str | os.PathLike):
+    """A distributed Security for every role (scheduler, worker, client) from the files of make_tls, encryption
+    required."""
+    from distributed import Security
+
+    cert, key = (str(Path(directory) / name) for name in (TLS_CERT, TLS_KEY))
+    return Security(require_encryption=True, tls_ca_file=cert, tls_client_cert=cert, tls_client_key=key,
+                    tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert, tls_worker_key=key)
+
+
+def client_security(*, scheduler: str | None, scheduler_file: str | None):
+    """The Security our client needs: None for a tcp:// scheduler (Dask's own configuration then applies); for a
+    tls:// one the certificate in $CNTK_TLS_DIR, else in tls_dir(scheduler_file); UserError when neither has it."""
+    address = scheduler or _address_in(scheduler_file)
+    if not address.startswith("tls://"):
+        return None
+    named = os.environ.get("CNTK_TLS_DIR")
+    directory = Path(named) if named else tls_dir(scheduler_file) if scheduler_file else None
+    if directory is not None and (directory / TLS_CERT).is_file() and (directory / TLS_KEY).is_file():
+        return tls_security(directory)
+    import dask
+
+    if not named and dask.config.get("distributed.comm.tls.client.cert", None):
+        return None  # the user's own Dask TLS configuration
+    where = directory if directory is not None else "$CNTK_TLS_DIR"
+    raise UserError(f"the scheduler at {address} uses TLS, and its certificate ({TLS_CERT}, {TLS_KEY}) is not in "
+                    f"{where}: use the scheduler file its cluster wrote (the certificate folder beside it), or set "
+                    f"CNTK_TLS_DIR to that folder")
+
+
+def _address_in(scheduler_file: str) -> str:
+    """The address a scheduler file holds ('' when unreadable: the Client then says what is wrong)."""
+    import json
+
+    try:
+        return str(json.loads(Path(scheduler_file).read_text()).get("address", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 @contextlib.contextmanager
@@ -96,7 +176,8 @@ def task_slots(cluster: ClusterConfig, *, backend: str) -> int:
 
 def local_cluster(*, cluster: ClusterConfig, backend: str):
     """Worker processes on this machine with task_slots threads each, all with worker_env: one per GPU
-    (dask-cuda) for the GPU backend when dask-cuda is installed, else cluster.workers CPU workers."""
+    (dask-cuda) for the GPU backend when dask-cuda is installed (one plain worker when it cannot start: NVML),
+    else cluster.workers CPU workers."""
     import dask
 
     options = {"threads_per_worker": task_slots(cluster, backend=backend), "dashboard_address": ":0",
@@ -109,7 +190,10 @@ def local_cluster(*, cluster: ClusterConfig, backend: str):
         except ImportError:
             pass
         else:
-            cuda = LocalCUDACluster, get_n_gpus()
+            try:
+                cuda = LocalCUDACluster, get_n_gpus()
+            except Exception as exc:   # NVML unusable (pynvml.NVMLError): a driver without it, a sandbox
+                return one_gpu_worker(cluster, exc)
     env = worker_env(cluster, n_workers=cuda[1] if cuda else cluster.workers)
     # The nanny's pre-spawn environment is in place when a worker process starts, before it imports anything (a
     # BLAS reads its thread settings when it loads; Dask's default there is one BLAS thread). The `env` option
@@ -117,10 +201,22 @@ def local_cluster(*, cluster: ClusterConfig, backend: str):
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
         if cuda:
-            return cuda[0](**options)
+            try:
+                return cuda[0](**options)
+            except Exception as exc:   # the same met while it starts (device memory, CPU affinity)
+                return one_gpu_worker(cluster, exc)
         from distributed import LocalCluster
 
         return LocalCluster(n_workers=cluster.workers, processes=True, env=env, **options)
+
+
+def one_gpu_worker(cluster: ClusterConfig, exc: Exception):
+    """A plain local cluster of one worker with the GPU worker's task slots, when dask-cuda cannot start its own
+    (said on stderr); the tiles' backend stays 'gpu'."""
+    print(f"backend gpu: dask-cuda could not start its cluster ({type(exc).__name__}: {exc}); using a plain "
+          f"local cluster with one GPU worker", file=sys.stderr, flush=True)
+    one = dataclasses.replace(cluster, workers=1, slots=task_slots(cluster, backend="gpu"))
+    return local_cluster(cluster=one, backend="cpu")
 
 
 def register_gpu_plugin(client) -> None:
@@ -143,13 +239,12 @@ def resolve_here(name: str) -> str:
 
 
 def resolve_on_cluster(client, name: str) -> str:
-    """'auto' is decided by a worker (the client's machine may have no GPU): waits at most WORKER_WAIT_S
-    for one to join. 'cpu' and 'gpu' are returned as given, so tiles can be queued before workers join."""
-    if name != "auto":
+    """'auto' is decided by a worker (the client's machine may have no GPU): one that has joined, else, while none
+    has (worker jobs still queued), each tile's own worker when the tile starts: then 'auto' is returned and passed
+    on to the tile tasks (tasks.decide_backend). 'cpu' and 'gpu' are returned as given. Never waits for workers."""
+    if name != "auto" or not client.nthreads():
         return name
     try:
-        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
-    except TimeoutError:
-        raise UserError(f"the cluster has no workers (waited {WORKER_WAIT_S} s); start workers, or give "
-                        "backend: cpu or backend: gpu so that tiles can be queued before workers join") from None
-    return client.submit(resolve_here, name, pure=False).result()
+        return client.submit(resolve_here, name, pure=False).result(timeout=WORKER_ASK_S)
+    except TimeoutError:  # the worker left meanwhile
+        return name

@@ -4,9 +4,13 @@ random-features draw), run on a Dask worker.
 run_tile is what the client submits: it skips a tile whose run was cancelled or that is already done
 and intact (a second submission, or a task that started after another writer finished the tile), and
 otherwise calls compute_tile.
+
+backend 'auto' reaches a task when `cntk submit` found no worker to ask (worker jobs still queued): the task's own
+worker then decides it (decide_backend), as `cntk run` does on its machine.
 """
 from __future__ import annotations
 
+import functools
 import socket
 import time
 
@@ -54,6 +58,7 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     bounds = bounds_of(layout(store_path))
     (r0, r1), (c0, c1) = bounds[I], bounds[J]
     images = zarr.open_array(store_path, path="inputs/images", mode="r")
+    backend = decide_backend(backend, archs=archs, shape=images.shape[1:])
     x = images[r0:r1]
     y = None if I == J else images[c0:c1]
     kernels = get_backend(backend).tile_kernels(x, y, archs=tuple(archs), max_depth=max(depths), lap=tuple(lap),
@@ -72,6 +77,38 @@ def compute_tile(store_path: str, I: int, J: int, *, backend: str, archs: tuple[
     })
     return {"tile": (I, J), "pairs": record["pairs"], "seconds": record["finished"] - started,
             "compute_seconds": record["compute_seconds"]}
+
+
+def decide_backend(backend: str, *, archs: tuple[str, ...], shape: tuple[int, ...]) -> str:
+    """backend 'cpu' | 'gpu' as given; 'auto' decided on this worker: 'gpu' when CuPy sees a device and the GPU
+    kernels take images of this (H, W, C) shape (or only fc is asked for), else 'cpu' (run.fit_backend's rule)."""
+    if backend != "auto":
+        return backend
+    from cntk_gram.workers.backends import resolve_backend
+    from cntk_gram.workers.gpu import check_image_shape
+
+    if resolve_backend("auto") == "cpu":
+        return "cpu"
+    if any(arch != "fc" for arch in archs):
+        try:
+            check_image_shape(tuple(shape))
+        except ValueError:
+            return "cpu"
+    _gpu_setup()
+    return "gpu"
+
+
+@functools.cache
+def _gpu_setup() -> None:
+    """Once per worker process: the GPU set-up that register_gpu_plugin gives the workers of backend 'gpu'."""
+    from cntk_gram.workers.gpu_plugin import GPUSetup
+
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+    except (ImportError, ValueError):
+        worker = None
+    GPUSetup().setup(worker)
 
 
 def _rf_blocks(x, y, *, backend: str, kinds, depths, archs, width: int, draws: int, seed: int,

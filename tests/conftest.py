@@ -16,6 +16,9 @@ Two data fixtures:
   When none has them every test that asks for `cifar_root` is skipped with one reason saying what to set; under
   CNTK_REQUIRE=data (.ci/run sets it) that is a failure instead, so CI cannot pass by skipping the data tests.
 
+The SLURM tests (tests/test_slurm.py, marker `slurm`) skip with one reason where a local SLURM cannot start;
+CNTK_REQUIRE=slurm (.ci/run sets CNTK_REQUIRE=data,slurm) makes that a failure too.
+
 Small stores that several modules check (reference_store, lap_store, zca_store, rf_store; tests/small_stores.py) are
 computed once per session on the synthetic set.
 
@@ -52,7 +55,8 @@ def shared_builder() -> Path | None:
 
 
 def required() -> set[str]:
-    """What $CNTK_REQUIRE (comma separated) says must not be skipped: {"data"} makes missing real data a failure."""
+    """What $CNTK_REQUIRE (comma separated) says must not be skipped: {"data"} makes missing real data a failure,
+    {"slurm"} a local SLURM that cannot start (tests/test_slurm.py)."""
     return {word.strip() for word in os.environ.get("CNTK_REQUIRE", "").split(",") if word.strip()}
 
 
@@ -91,6 +95,15 @@ def find_cifar(*, env_root: str | None, builder: Path | None, build_dir, default
         pytest.fail(f"{reason} (CNTK_REQUIRE=data: a test that needs real data may not be skipped)",
                     pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prediction_cache(tmp_path_factory) -> Path:
+    """Every run's time prediction (pipeline.predict) caches its probes here, not in the user's cache directory;
+    subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("cntk-cache")
+    os.environ["CNTK_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

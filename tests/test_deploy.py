@@ -122,6 +122,9 @@ def test_compose_file_has_a_scheduler_and_gpu_workers():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert "8786" in " ".join(services["scheduler"]["command"])
+    assert {"--tls-ca-file", "--tls-cert", "--tls-key"} <= set(services["scheduler"]["command"])  # TLS only
+    assert services["tls"]["command"][:2] == ["cntk", "tls"]
+    assert "tls" in services["scheduler"]["depends_on"]
     gpu_workers = [s for name, s in services.items() if name.startswith("gpu-worker")]
     assert len(gpu_workers) >= 2
     device_ids = []
@@ -131,7 +134,7 @@ def test_compose_file_has_a_scheduler_and_gpu_workers():
         device_ids += device["device_ids"]
         assert worker["command"][:3] == ["dask", "cuda", "worker"]
         assert worker["command"][worker["command"].index("--nthreads") + 1] == "3"  # three task slots
-        assert "tcp://scheduler:8786" in worker["command"]
+        assert "tls://scheduler:8786" in worker["command"] and "--tls-cert" in worker["command"]
         assert "scheduler" in worker["depends_on"]
         assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
     assert len(set(device_ids)) == len(device_ids), "two workers on one GPU"
@@ -240,6 +243,51 @@ def test_local_cluster_script_runs_submit_to_completion(tmp_path, cifar_format_r
         subprocess.run(["bash", "deploy/local-cluster.sh", "stop", str(cluster_dir)], cwd=REPO, env=env)
     assert "worker-lifetime-reached" in workers_log  # the lifetime flags reached the workers
     _assert_store_matches_whole_block(store, n_train=40, depths=(3, 30))
+
+
+def test_local_cluster_refuses_clients_without_its_certificate(tmp_path, cifar_format_root):
+    """TLS on by default: the scheduler file holds a tls:// address, the certificate folder beside it is private, and
+    a plain Client (on tls:// or tcp:// at the same host and port) or one with another certificate cannot reach the
+    scheduler, while `cntk submit` and `cntk cancel`, given only the scheduler file, can. CNTK_TLS=off opts out."""
+    from distributed import Client, Security
+
+    cluster_dir = tmp_path / "cluster"
+    env = proc_env()
+    start = subprocess.run(["bash", "deploy/local-cluster.sh", "start", "1", str(cluster_dir)], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    try:
+        assert start.returncode == 0, start.stderr
+        address = yaml.safe_load((cluster_dir / "scheduler.json").read_text())["address"]
+        assert address.startswith("tls://")
+        tls = cluster_dir / "scheduler-tls"
+        assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tls.iterdir()} == {"cert.pem": 0o600,
+                                                                                  "key.pem": 0o600}
+        plain = address.replace("tls://", "tcp://")
+        for target, security in ((address, None), (plain, None), (address, Security.temporary())):
+            with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
+                Client(target, security=security, timeout="5s", set_as_default=False).close()
+        store = tmp_path / "g.zarr"
+        config = write_config(tmp_path / "c.yaml", data_root=cifar_format_root, store=store, train=20, test=10,
+                              tile=10, backend="auto")
+        submitted = cntk("submit", config, "--scheduler-file", cluster_dir / "scheduler.json")
+        assert submitted.returncode == 0, submitted.stdout
+        wait_for_records(store, 5)
+        cancelled = cntk("cancel", store, "--scheduler-file", cluster_dir / "scheduler.json")
+        assert cancelled.returncode == 0 and "queued tasks dropped" in cancelled.stdout, cancelled.stdout
+        moved = tmp_path / "elsewhere.json"  # the same address without the certificate folder beside it
+        moved.write_text((cluster_dir / "scheduler.json").read_text())
+        refused = cntk("submit", config, "--scheduler-file", moved)
+        assert refused.returncode == 2 and "uses TLS" in refused.stdout and "Traceback" not in refused.stdout
+    finally:
+        subprocess.run(["bash", "deploy/local-cluster.sh", "stop", str(cluster_dir)], cwd=REPO, env=env)
+    off = subprocess.run(["bash", "deploy/local-cluster.sh", "start", "1", str(cluster_dir)], cwd=REPO,
+                         env={**env, "CNTK_TLS": "off"}, capture_output=True, text=True)
+    try:
+        assert off.returncode == 0, off.stderr
+        assert yaml.safe_load((cluster_dir / "scheduler.json").read_text())["address"].startswith("tcp://")
+    finally:
+        subprocess.run(["bash", "deploy/local-cluster.sh", "stop", str(cluster_dir)], cwd=REPO, env=env)
 
 
 def _assert_store_matches_whole_block(store: Path, *, n_train: int, depths) -> None:

@@ -5,7 +5,9 @@ embedded cluster of `cntk run`); everything is driven by files the test names in
 
     CNTK_TILE_LOG   every tile computation appends 'start I J PID' before and 'end I J PID' after it
     CNTK_TILE_GATE  optional; holds an integer N: at most N tile computations may start, summed over all
-                    workers and restarts (a worker waits before starting beyond that). No file: no limit.
+                    workers and restarts (a worker waits before starting beyond that). No file: no limit. A task
+                    waiting here on a worker that retires (its lifetime) goes back to the scheduler (Reschedule):
+                    it has not started computing, and a retiring worker waits for the tasks it runs.
     CNTK_TILE_HOLD  optional; while this file exists a tile whose chunks are written waits before its
                     completion record ('hold I J PID' is logged), so a test can kill a worker mid-tile.
 
@@ -63,7 +65,21 @@ def _start(I, J):
             if _starts_so_far() < _allowed():
                 _append("start", I, J)
                 return
+        _leave_if_retiring()
         time.sleep(POLL_S)
+
+
+def _leave_if_retiring():
+    """Raise Reschedule when this task's worker is closing (gracefully or not)."""
+    from distributed import Reschedule, get_worker
+    from distributed.core import Status
+
+    try:
+        status = get_worker().status
+    except ValueError:  # not on a worker
+        return
+    if status in (Status.closing_gracefully, Status.closing, Status.closed):
+        raise Reschedule()
 
 
 def _logged(compute_tile):
