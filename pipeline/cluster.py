@@ -199,15 +199,26 @@ def local_cluster(*, cluster: ClusterConfig, backend: str):
     # BLAS reads its thread settings when it loads; Dask's default there is one BLAS thread). The `env` option
     # arrives too late for that, and LocalCUDACluster replaces it with CUDA_VISIBLE_DEVICES alone.
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
-        if cuda:
-            try:
-                return cuda[0](**options)
-            except Exception as exc:   # the same met while it starts (device memory, CPU affinity)
-                return one_gpu_worker(cluster, exc)
-        from distributed import LocalCluster
+    # The nanny sets that environment in its own process, this one: restore ours, or numba here would meet a
+    # changed NUMBA_NUM_THREADS at its next compile ("Cannot set NUMBA_NUM_THREADS ... once the threads have been
+    # launched").
+    ours = {key: os.environ.get(key) for key in pre_spawn}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+            if cuda:
+                try:
+                    return cuda[0](**options)
+                except Exception as exc:   # the same met while it starts (device memory, CPU affinity)
+                    return one_gpu_worker(cluster, exc)
+            from distributed import LocalCluster
 
-        return LocalCluster(n_workers=cluster.workers, processes=True, env=env, **options)
+            return LocalCluster(n_workers=cluster.workers, processes=True, env=env, **options)
+    finally:
+        for key, value in ours.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def one_gpu_worker(cluster: ClusterConfig, exc: Exception):

@@ -1,5 +1,6 @@
 """cluster.py: local workers of both kinds get one environment; 'auto' never waits for workers: without one it is
 decided by each tile's worker."""
+import os
 import sys
 import types
 
@@ -73,6 +74,21 @@ def test_local_cpu_cluster_runs_the_configured_slots_per_worker():
     config = build_config({"cluster": {"workers": 1, "slots": 2, "threads": 1}}).cluster
     with cluster.local_cluster(cluster=config, backend="cpu") as local, Client(local) as client:
         assert list(client.nthreads().values()) == [2]
+
+
+def test_starting_local_workers_leaves_this_process_environment_as_it_was(monkeypatch):
+    """The nanny sets the workers' environment in the client's own process; a changed NUMBA_NUM_THREADS there
+    breaks numba's next compile once its threads run."""
+    from distributed import Client
+
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    config = build_config({"cluster": {"workers": 1, "threads": 1}}).cluster
+    with cluster.local_cluster(cluster=config, backend="cpu") as local, Client(local) as client:
+        worker_env = client.run(lambda: {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS",)})
+        assert list(worker_env.values()) == [{"NUMBA_NUM_THREADS": "1"}]
+        assert os.environ["NUMBA_NUM_THREADS"] == "7"
+        assert "OPENBLAS_THREAD_TIMEOUT" not in os.environ
 
 
 def test_auto_backend_on_a_cluster_without_workers_is_decided_by_each_tile_worker(cifar_format_root, tmp_path):

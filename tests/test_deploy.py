@@ -2,6 +2,7 @@
 are well-formed, and the README's local multi-process path runs end to end."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -264,9 +265,13 @@ def test_local_cluster_refuses_clients_without_its_certificate(tmp_path, cifar_f
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tls.iterdir()} == {"cert.pem": 0o600,
                                                                                   "key.pem": 0o600}
         plain = address.replace("tls://", "tcp://")
+        async def connect(target, security):   # asynchronous: no IO-loop thread to start (slow on a busy machine)
+            async with Client(target, security=security, timeout="5s", asynchronous=True, set_as_default=False):
+                pass
+
         for target, security in ((address, None), (plain, None), (address, Security.temporary())):
             with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
-                Client(target, security=security, timeout="5s", set_as_default=False).close()
+                asyncio.run(connect(target, security))
         store = tmp_path / "g.zarr"
         config = write_config(tmp_path / "c.yaml", data_root=cifar_format_root, store=store, train=20, test=10,
                               tile=10, backend="auto")
