@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from cntk_gram.pipeline.config import parse_bytes
+from cntk_gram.pipeline.curve import parse_train_sizes
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.ridge import (DEFAULT_LAMBDAS, DEFAULT_MEMORY_BUDGET, DEFAULT_VAL_FIT, DEFAULT_VAL_FRACTION,
                                       DEFAULT_VAL_SIZE, SUBSET_ABOVE, SolveOptions)
@@ -133,14 +134,19 @@ def parse_lambdas(text: str) -> tuple[float, ...]:
 @click.option("--retries", type=int, help="Retries of a failed tile task.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--dry-run", is_flag=True,
-              help="Print what the run would cost (tiles, pairs, store bytes, free disk) and compute nothing.")
+              help="Print what the run would cost (tiles, pairs, store bytes, free disk, predicted time) and compute "
+                   "nothing; with --json: the cost fields, fits, and predicted {seconds, worker_seconds, workers, "
+                   "backend, parts, source, load, reason} (docs/predict.md).")
+@click.option("--recalibrate", is_flag=True,
+              help="Probe this machine again for the predicted time instead of using its cached rates.")
 @click.option("--trust-records", is_flag=True,
               help="On resume, skip re-checking the checksums of tiles already done (faster on huge stores).")
 @json_option("store, backend, kernels, depths, n_train, n_test, tile, tiles_total, tiles_done_before, "
-             "tiles_damaged, tiles_computed, pairs_computed, wall_seconds")
+             "tiles_damaged, tiles_computed, pairs_computed, wall_seconds, prepare_seconds, store_bytes, "
+             "predicted_seconds")
 def run(config_file, store, data_root, data_path, train, test, tile_size, archs, kinds, depths, lap, flip, no_random_features,
         backend, scheduler, scheduler_file, workers, threads, slots, max_in_flight, retries, progress,
-        trust_records, dry_run, as_json):
+        trust_records, dry_run, recalibrate, as_json):
     """Compute (or resume) the Gram matrix described by CONFIG_FILE."""
     import dataclasses
 
@@ -158,9 +164,9 @@ def run(config_file, store, data_root, data_path, train, test, tile_size, archs,
     }
     config = load_config(config_file, overrides)
     if dry_run:
-        _show_plan(config, as_json)
+        _show_plan(config, as_json, recalibrate=recalibrate)
         return
-    s = run_config(config, progress=progress, verify=not trust_records)
+    s = run_config(config, progress=progress, verify=not trust_records, recalibrate=recalibrate)
     if as_json:
         echo_json(dataclasses.asdict(s))
         return
@@ -173,17 +179,21 @@ def run(config_file, store, data_root, data_path, train, test, tile_size, archs,
                f"pairs     {s.pairs_computed:,} computed in {s.wall_seconds:.1f} s wall")
 
 
-def _show_plan(config, as_json: bool) -> None:
-    """--dry-run: the run's cost (tiles, pairs, bytes, free disk); an Error line and exit 2 when it cannot fit."""
+def _show_plan(config, as_json: bool, *, recalibrate: bool = False) -> None:
+    """--dry-run: the run's cost (tiles, pairs, bytes, free disk) and predicted time (the slow-CPU warning on
+    stderr); an Error line and exit 2 when it cannot fit."""
     import dataclasses
 
     from cntk_gram.pipeline.run import check_disk, describe_cost, dry_run
 
-    cost = dry_run(config)
+    cost, prediction, warning = dry_run(config, recalibrate=recalibrate)
+    if warning:
+        click.echo(warning, err=True)
     if as_json:
-        echo_json({"store": str(config.store), **dataclasses.asdict(cost), "fits": cost.fits})
+        predicted = {k: v for k, v in dataclasses.asdict(prediction).items() if k not in ("rates", "made")}
+        echo_json({"store": str(config.store), **dataclasses.asdict(cost), "fits": cost.fits, "predicted": predicted})
     else:
-        click.echo(describe_cost(cost))
+        click.echo(describe_cost(cost, prediction))
     check_disk(cost, config.store)
 
 
@@ -202,7 +212,8 @@ def submit(config_path, scheduler, scheduler_file, store, backend):
     summary = submit_config(config, scheduler=scheduler, scheduler_file=scheduler_file)
     click.echo(f"submitted {summary['tiles_submitted']} of {summary['tiles_total']} tiles "
                f"({summary['tiles_done_before']} already done, {summary['tiles_damaged']} damaged) "
-               f"to {summary['scheduler']}, backend {summary['backend']}")
+               f"to {summary['scheduler']}, backend {summary['backend']}"
+               + (" (no worker has joined yet: each tile's worker decides)" if summary["backend"] == "auto" else ""))
     click.echo(f"follow with: cntk status {summary['store']}")
 
 
@@ -218,12 +229,26 @@ def cancel(store_path, scheduler, scheduler_file):
     click.echo(f"cancel flag set in {summary['store']}{dropped}; `cntk submit` clears it")
 
 
+@main.command("tls")
+@click.argument("scheduler_file", metavar="SCHEDULER_FILE", type=click.Path(dir_okay=False))
+@click.option("--new", is_flag=True, help="Make a fresh certificate and key even when the folder has them.")
+def tls(scheduler_file, new):
+    """Make the TLS certificate and key of the cluster whose scheduler will write SCHEDULER_FILE, in the private
+    folder beside it (runs/scheduler.json -> runs/scheduler-tls/), unless they are there already. The deploy/
+    scripts call this; the scheduler, its workers and every `cntk` command given the scheduler file find them."""
+    from cntk_gram.pipeline.cluster import make_tls, tls_dir
+
+    click.echo(make_tls(tls_dir(scheduler_file), new=new))
+
+
 # --- looking into a store -------------------------------------------------------------------------
 
 @main.command()
 @click.argument("store", type=click.Path())
 @json_option("store, tiles_done, tiles_total, pairs_done, pairs_total, per_array {array: {done, total}}, "
-             "pairs_per_second (recent tiles; null if unknown), eta_seconds (null if unknown), "
+             "pairs_per_second (recent tiles; null if unknown), eta_seconds (null if unknown), eta_source "
+             "(predicted until the latest run's first tile finishes, then measured; null if unknown), "
+             "predicted_seconds (the latest run's prediction; null if none), "
              "last_finished (epoch seconds; null if none)")
 def status(store, as_json):
     """Done / total tiles per kernel array, throughput and ETA."""
@@ -240,9 +265,11 @@ def status(store, as_json):
     rate = s["pairs_per_second"]
     last = "never" if s["last_finished"] is None else time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["last_finished"]))
+    running = s["tiles_done"] < s["tiles_total"]
+    eta = f"{format_seconds(s['eta_seconds'])}" + (f" ({s['eta_source']})" if s["eta_source"] else "") \
+        if running else "done"
     click.echo(f"throughput {'unknown' if rate is None else f'{rate:,.1f} pairs/s'} (recent tiles), "
-               f"ETA {format_seconds(s['eta_seconds']) if s['tiles_done'] < s['tiles_total'] else 'done'}, "
-               f"last tile finished {last}")
+               f"ETA {eta}, last tile finished {last}")
 
 
 @main.command()
@@ -313,7 +340,8 @@ def export(store, kernel, depth, draw, out):
 # --- kernel regression and reports ----------------------------------------------------------------
 
 SOLVE_JSON = ("store, rows (one per kernel, depth and draw: the rows of results.json, docs/solve.md), "
-              "paths {json, markdown, accuracy_plot, confusion_plot}, paper_columns {kernel: paper column}")
+              "paths {json, markdown, accuracy_plot, confusion_plot[, learning_curve]}, paper_columns {kernel: paper "
+              "column}; with --train-sizes also curve (rows, one per kernel, depth and size) and power_law")
 
 
 def solve_options(fn):
@@ -339,6 +367,12 @@ def solve_options(fn):
                      help="subset: this many training images held out, scored per λ."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation split."),
         click.option("--no-validation", is_flag=True, help="Only the ridgeless λ=0, no λ selection."),
+        click.option("--train-sizes", default=None,
+                     help="Also a learning curve: kernel regression on the first n training images for each n, "
+                          "e.g. 1000,2000,5000, scored on all test images; the ridgeless points share one "
+                          "factorisation (learning_curve.png, results.json's curve and power_law)."),
+        click.option("--validate-sizes", is_flag=True,
+                     help="With --train-sizes: choose λ for each size too (a factorisation per λ and size)."),
         click.option("--device", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                      help="Where to factor: CuPy GPU when available for auto."),
         click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 2**30}GiB", show_default=True,
@@ -357,7 +391,8 @@ def solve_options(fn):
 
 
 def _solve_arguments(*, out, kernels, depths, lambdas, validation, val_fraction, val_fit, val_size, seed,
-                     no_validation, device, memory_budget, scratch, force, reference, as_json) -> dict:
+                     no_validation, train_sizes, validate_sizes, device, memory_budget, scratch, force, reference,
+                     as_json) -> dict:
     """solve_options' values -> the SolveOptions and keyword arguments of experiment.solve_and_report."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction: must lie strictly between 0 and 1, got {val_fraction}")
@@ -368,23 +403,33 @@ def _solve_arguments(*, out, kernels, depths, lambdas, validation, val_fraction,
                            val_fraction=val_fraction, val_fit=val_fit, val_size=val_size, seed=seed, device=device,
                            memory_budget=parse_bytes("--memory-budget", memory_budget),
                            scratch_dir=Path(scratch) if scratch else None)
+    sizes = () if train_sizes is None else parse_train_sizes(train_sizes)
+    if validate_sizes and (not sizes or no_validation):
+        raise UserError("--validate-sizes: needs --train-sizes and validation (drop --no-validation)")
     return {"options": options, "kernels": kernels, "depths": depths, "force": force, "out": out,
-            "reference": reference == "auto", "progress": lambda message: click.echo(message, err=True)}
+            "reference": reference == "auto", "progress": lambda message: click.echo(message, err=True),
+            "train_sizes": sizes, "validate_sizes": validate_sizes}
 
 
 def _show(solved, *, as_json: bool) -> None:
     """The accuracy table, notes on kernels that could not be solved (stderr), the report files; or the JSON."""
     from cntk_gram.pipeline.report import format_table
 
-    for row in solved.rows:
+    points = [row for row in solved.curve if not any(row is main for main in solved.rows)]   # the smaller sizes
+    for row in [*solved.rows, *points]:
         for where in (row, row.ridgeless, row.validated):
             if where is not None and where.error is not None:
                 draw = "" if row.draw is None else f" draw {row.draw}"
-                click.echo(f"note: {row.kernel} depth {row.depth}{draw}: {where.error}", err=True)
+                size = f", first {row.n_train:,} images" if row in points else ""
+                click.echo(f"note: {row.kernel} depth {row.depth}{draw}{size}: {where.error}", err=True)
     if as_json:
         echo_json(solved.to_json())
         return
     click.echo(format_table(solved.rows, solved.columns))
+    if solved.curve:
+        from cntk_gram.pipeline.report import format_curve
+
+        click.echo("\n" + format_curve(solved.curve))
     for name, path in solved.paths.items():
         click.echo(f"{name}: {path}")
 
@@ -392,7 +437,12 @@ def _show(solved, *, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=click.Path())
 @solve_options
-def solve(store, **options):
+@click.option("--dry-run", is_flag=True,
+              help="Print the factorisations the solve would do (rows, in core or out of core, peak memory, predicted "
+                   "time) and solve nothing; with --json: {store, seconds, peak_bytes, device, solved, reused, "
+                   "source, load, factorisations [{what, n, panels, out_of_core, peak_bytes, seconds}]}.")
+@click.option("--recalibrate", is_flag=True, help="With --dry-run: probe again instead of using the cached rates.")
+def solve(store, dry_run, recalibrate, **options):
     """Kernel regression for every kernel and depth in STORE: accuracies, predictions, report.
 
     Results are saved in STORE kernel by kernel: a rerun (after an interruption, say) reuses every kernel
@@ -400,7 +450,33 @@ def solve(store, **options):
     from cntk_gram.pipeline.experiment import solve_and_report
 
     arguments = _solve_arguments(**options)
+    if dry_run:
+        _show_solve_plan(store, arguments, as_json=options["as_json"], recalibrate=recalibrate)
+        return
     _show(solve_and_report(store, arguments.pop("options"), **arguments), as_json=options["as_json"])
+
+
+def _show_solve_plan(store, arguments: dict, *, as_json: bool, recalibrate: bool) -> None:
+    """solve --dry-run: pipeline.predict.predict_solve as text or JSON."""
+    import dataclasses
+
+    from cntk_gram.pipeline.predict import duration, predict_solve
+
+    p = predict_solve(store, arguments["options"], kernels=arguments["kernels"], depths=arguments["depths"],
+                      force=arguments["force"], train_sizes=arguments.get("train_sizes", ()),
+                      validate_sizes=arguments.get("validate_sizes", False), recalibrate=recalibrate)
+    if as_json:
+        echo_json({"store": str(store), **{k: v for k, v in dataclasses.asdict(p).items() if k != "rates"}})
+        return
+    load = f", measured at load {p.load:.1f} per core" if p.load is not None and p.load > 0.5 else ""
+    click.echo(f"solve plan: {len(p.factorisations)} factorisations, {p.solved} solves ({p.reused} saved, reused), "
+               f"device {p.device}; predicted {duration(p.seconds)}, peak memory {p.peak_bytes / 2**30:.2f} GiB "
+               f"({'probe cached' if p.source == 'cache' else 'probed now'}{load})")
+    for f in p.factorisations:
+        where = f"out of core, {f.panels} panels" if f.out_of_core else f"in core, {f.panels} panel" + \
+            ("s" if f.panels > 1 else "")
+        click.echo(f"  {f.what:48s} {f.n:>7,} rows  {where:24s} peak {f.peak_bytes / 2**30:6.2f} GiB  "
+                   f"{duration(f.seconds)}")
 
 
 @main.command()

@@ -9,7 +9,7 @@ import zarr
 
 from cntk_gram.pipeline.errors import UserError
 from cntk_gram.pipeline.plan import tile_pairs
-from cntk_gram.pipeline.records import read_record, stray_files
+from cntk_gram.pipeline.records import read_prediction, read_record, stray_files
 from cntk_gram.pipeline.store import (all_records, array_name, bounds_of, open_gram, parse_array_name, planned_tiles,
                                       store_attrs, stored_draws, stored_kernels, verify_tile)
 
@@ -20,7 +20,10 @@ def status(store_path: str | Path) -> dict:
     """Progress from the completion records.
 
     Returns tiles_done, tiles_total, pairs_done, pairs_total, per_array {name: (done, total)},
-    pairs_per_second (over the last RATE_WINDOW records, None if unknown), eta_seconds, last_finished.
+    pairs_per_second (over the last RATE_WINDOW records, None if unknown), eta_seconds, eta_source ('predicted':
+    the latest run's predicted time less the time since, until one of its tiles finishes; 'measured': from
+    pairs_per_second; None: unknown), predicted_seconds (the latest run's prediction, None if none),
+    last_finished.
     """
     info = store_attrs(store_path)["layout"]
     bounds, planned = bounds_of(info), planned_tiles(info)
@@ -34,11 +37,16 @@ def status(store_path: str | Path) -> dict:
     if recent:
         span = recent[-1]["finished"] - min(r["started"] for r in recent)
         rate = sum(r["pairs"] for r in recent) / span if span > 0 else None
+    eta, source = ((pairs_total - pairs_done) / rate, "measured") if rate else (None, None)
+    predicted = read_prediction(store_path) or {}
+    if predicted.get("seconds") is not None and pairs_done < pairs_total and \
+            not any(r["finished"] >= predicted["made"] for r in records.values()):
+        eta, source = max(0.0, predicted["seconds"] - (time.time() - predicted["made"])), "predicted"
     return {
         "tiles_done": len(records), "tiles_total": len(planned),
         "pairs_done": pairs_done, "pairs_total": pairs_total, "per_array": per_array,
         "pairs_per_second": rate,
-        "eta_seconds": (pairs_total - pairs_done) / rate if rate else None,
+        "eta_seconds": eta, "eta_source": source, "predicted_seconds": predicted.get("seconds"),
         "last_finished": recent[-1]["finished"] if recent else None,
     }
 

@@ -2,6 +2,7 @@
 
     tiles/done/{I}-{J}/zarr.json   completion record of tile (I, J): a Zarr group whose attributes hold it
     tiles/cancel/zarr.json         cancel flag: a Zarr group whose attributes say who asked and when
+    tiles/predicted/zarr.json      the latest run's predicted time (pipeline.predict), read by `cntk status`
 
 Both are published atomically (temp file + os.replace), so a reader never sees half a file and a killed
 writer leaves at most a stray temp file, which holds nothing that is ever read.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 RECORDS = "tiles/done"
 CANCEL_FLAG = "tiles/cancel/zarr.json"
+PREDICTION = "tiles/predicted/zarr.json"
 # zarr's chunk temp files (zarr >= 3.1.3 writes each chunk to '{name}.{uuid}.partial', then renames it: pyproject.toml);
 # our temp group files
 STRAY_PATTERNS = ("*.partial", ".zarr.json.*")
@@ -72,6 +74,20 @@ def clear_cancel(store_path: str | os.PathLike) -> None:
     flag.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         flag.parent.rmdir()
+
+
+# --- the predicted time of the latest run -----------------------------------------------------------
+
+def write_prediction(store_path: str | os.PathLike, prediction: dict) -> None:
+    """Publish {'seconds' (None: unknown), 'pairs', 'made' (epoch s), ...} for `cntk status`."""
+    _publish(Path(store_path) / PREDICTION, prediction)
+
+
+def read_prediction(store_path: str | os.PathLike) -> dict | None:
+    try:
+        return json.loads((Path(store_path) / PREDICTION).read_text())["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # --- files left behind by killed writers -----------------------------------------------------------

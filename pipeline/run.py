@@ -24,8 +24,10 @@ import collections
 import errno
 import dataclasses
 import hashlib
+import math
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,8 +39,11 @@ from cntk_gram.pipeline.cluster import (connect, open_client, register_gpu_plugi
 from cntk_gram.pipeline.config import RunConfig
 from cntk_gram.pipeline.data import Inputs, prepare_inputs
 from cntk_gram.pipeline.errors import UserError
-from cntk_gram.pipeline.plan import RunCost, check_disk, check_tile_size, free_bytes, gib, run_cost, tile_pairs
-from cntk_gram.pipeline.records import clear_cancel, remove_stray_files, request_cancel
+from cntk_gram.pipeline.plan import (RunCost, block_bounds, check_disk, check_tile_size, free_bytes, gib,
+                                     plan_tiles, run_cost, tile_pairs)
+from cntk_gram.pipeline.predict import (LOCAL_END_S, LOCAL_START_S, Eta, RunPrediction, calibrate, describe,
+                                        numba_threads, predict_run, slow_cpu_warning, unknown)
+from cntk_gram.pipeline.records import clear_cancel, remove_stray_files, request_cancel, write_prediction
 from cntk_gram.pipeline.store import (bounds_of, check_existing, layout, planned_arrays, prepare_store, tile_status,
                                       verify_tile)
 from cntk_gram.pipeline.tasks import run_tile
@@ -132,6 +137,78 @@ def plan_cost(config: RunConfig, inputs: Inputs, *, todo) -> RunCost:
     return cost
 
 
+# --- what a run will take (pipeline.predict) ----------------------------------------------------------
+
+def predict(config: RunConfig, inputs: Inputs, todo, backend: str, *, client=None, local: bool = False,
+            recalibrate: bool = False) -> RunPrediction:
+    """The predicted wall time of computing `todo` with this backend ('cpu' | 'gpu'; 'auto' when no worker has
+    decided it yet: this machine's), from now. With a client:
+    probed on one of its workers, where the tiles run, for its connected workers (local: the embedded cluster,
+    which is closed at the end). Without one (a dry run): probed here, for the embedded cluster, or per worker
+    when the config names a cluster, as also when no worker is connected yet. Never raises: a failed probe gives
+    a prediction that says why it is unknown."""
+    from cntk_gram.workers.vocab import gpu_available
+
+    cluster, kernel = config.cluster, config.kernel
+    connected = None if client is None else len(client.scheduler_info()["workers"])
+    if backend == "auto":   # left to each tile's worker (none has joined): probed with what this machine has
+        backend = "gpu" if gpu_available() else "cpu"
+    if backend == "gpu" and not connected and not gpu_available():
+        return unknown("no GPU here to probe", backend)
+    cores = os.cpu_count() or 1
+    local_threads = cluster.workers * (cluster.threads or max(1, cores // cluster.workers))
+    rf = kernel.random_features
+    options = {"backend": backend, "archs": kernel.archs, "max_depth": max(kernel.depths), "lap": kernel.lap,
+               "flip": kernel.flip, "store": str(Path(config.store).resolve()), "tile": config.tiles.size,
+               "recalibrate": recalibrate,
+               "rf": None if rf is None else {"archs": kernel.rf_archs, "kinds": kernel.kinds, "width": rf.width,
+                                              "max_bytes": rf.max_bytes}}
+    images = inputs.images[:1024]   # the probes use at most this many
+    reason = None
+    try:
+        if connected:
+            threads = client.submit(numba_threads, pure=False).result()
+            rates = client.submit(calibrate, images, threads=threads, **options, pure=False).result()
+            workers, scale, startup = connected, 1, (LOCAL_END_S if local else 0.0)
+        elif client is None and not (cluster.scheduler or cluster.scheduler_file):
+            threads = min(cores, local_threads) if backend == "cpu" else cores
+            rates = calibrate(images, threads=threads, **options)
+            workers, scale, startup = cluster.workers, (cluster.workers if backend == "cpu" else 1), LOCAL_START_S
+        else:
+            rates = calibrate(images, threads=cores, **options)
+            workers, scale, startup = None, 1, 0.0
+            reason = (f"{'a dry run does not contact the cluster' if client is None else 'no worker connected yet'}"
+                      f"; probed here, assumes workers like this machine")
+    except Exception as exc:  # a prediction never stops a run
+        return unknown(f"the probe failed ({type(exc).__name__}: {exc})", backend)
+    rf_model = None if rf is None else {"draws": rf.draws, "depths": kernel.depths, "max_depth": max(kernel.depths),
+                                        "max_bytes": rf.max_bytes, "width": rf.width, "shape": images.shape[1:]}
+    bounds = block_bounds(n_train=inputs.n_train, n_test=inputs.n_test, size=config.tiles.size)
+    return predict_run(rates, todo=todo, bounds=bounds, arrays=len(planned_arrays(config)), size=config.tiles.size,
+                       image_bytes=math.prod(images.shape[1:]) * 4, workers=workers, scale=scale, startup=startup,
+                       rf=rf_model, reason=reason)
+
+
+def announce(config: RunConfig, cost: RunCost, prediction: RunPrediction, shape, *, progress: bool) -> None:
+    """Before the first tile: the plan line (with progress), the slow-CPU warning (always), and the prediction
+    saved in the store for `cntk status`."""
+    if progress:
+        print(describe_cost(cost, prediction), file=sys.stderr, flush=True)
+    warning = slow_cpu_warning(prediction, gpu_takes_it=gpu_takes(config, shape))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    seconds = prediction.seconds if prediction.seconds is not None else prediction.worker_seconds
+    write_prediction(config.store, {"seconds": seconds, "workers": prediction.workers, "backend": prediction.backend,
+                                    "pairs": cost.pairs_todo, "source": prediction.source,
+                                    "made": prediction.made})
+
+
+def gpu_takes(config: RunConfig, shape) -> bool:
+    """Whether the GPU backend computes this run's kernels (conv archs, images within its limits): fc alone runs on
+    the host either way."""
+    return any(arch != "fc" for arch in config.kernel.archs) and gpu_refusal(config, shape) is None
+
+
 def _damaged(store: str, done: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """Done tiles whose chunks fail their checksums (read in a thread pool: I/O and crc32c)."""
     tiles = sorted(done)
@@ -196,8 +273,9 @@ class RunSummary:
     (keys, random features included), depths, n_train, n_test, tile (edge), tiles_total (planned),
     tiles_done_before (done and intact before this run), tiles_damaged (done but failing their checksums:
     recomputed), tiles_computed (by this run, damaged ones included), pairs_computed, wall_seconds;
-    prepare_seconds (data load, store checks and creation, before the first tile), store_bytes (the Gram arrays
-    once complete)."""
+    prepare_seconds (data load, store checks and creation, before the cluster starts), store_bytes (the Gram
+    arrays once complete), predicted_seconds (pipeline.predict: the wall time after prepare_seconds, the time the
+    cluster's start and the probes took included; null when unknown or nothing was to compute)."""
     store: str
     backend: str
     kernels: list[str]
@@ -213,15 +291,17 @@ class RunSummary:
     wall_seconds: float
     prepare_seconds: float = 0.0
     store_bytes: int = 0
+    predicted_seconds: float | None = None
 
 
 def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str | None = None,
-        progress: bool = True, verify: bool = True) -> RunSummary:
-    """Compute every missing tile of `config` into config.store; return a RunSummary. progress: a tqdm bar on
-    stderr.
+        progress: bool = True, verify: bool = True, recalibrate: bool = False) -> RunSummary:
+    """Compute every missing tile of `config` into config.store; return a RunSummary. progress: the plan line
+    (with the predicted time) and a tqdm bar with an ETA on stderr.
 
     verify: re-check the chunk checksums of tiles already done (recomputing damaged ones); False trusts
-    the completion records (faster resume of a very large store)."""
+    the completion records (faster resume of a very large store). recalibrate: probe again rather than reuse
+    the cached rates of the prediction (pipeline.predict)."""
     started = time.time()
     target = _scheduler_of(config, scheduler, scheduler_file)
     external = bool(target["scheduler"] or target["scheduler_file"])
@@ -230,16 +310,19 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
     prep = prepare_run(config, verify=verify)
     shape = prep.inputs.images.shape[1:]
     backend = fit_backend(config, backend, shape)
+    prediction = None
     prepared = time.time() - started
     bounds = bounds_of(layout(config.store))
     pairs_todo = sum(tile_pairs(bounds, tile) for tile in prep.todo)
     if prep.todo:
         with open_client(**target, cluster=config.cluster, backend=backend) as client:
             backend = fit_backend(config, _ready_backend(client, backend), shape)
-            if progress:
-                print(describe_cost(prep.cost), file=sys.stderr, flush=True)
+            prediction = predict(config, prep.inputs, prep.todo, backend, client=client, local=not external,
+                                 recalibrate=recalibrate)
+            announce(config, prep.cost, prediction, shape, progress=progress)
             _execute(client, prep.todo, config=_with_absolute_store(config), backend=backend,
-                     pairs_todo=pairs_todo, progress=progress)
+                     pairs_todo=pairs_todo, progress=progress,
+                     eta=Eta(prediction.seconds, pairs_todo, started=prediction.made))
     return RunSummary(
         store=str(config.store), backend=backend,
         kernels=list(config.kernel.keys) + list(config.kernel.rf_keys),
@@ -247,33 +330,44 @@ def run(config: RunConfig, *, scheduler: str | None = None, scheduler_file: str 
         tile=config.tiles.size, tiles_total=len(prep.planned),
         tiles_done_before=len(prep.done - prep.damaged), tiles_damaged=len(prep.damaged),
         tiles_computed=len(prep.todo), pairs_computed=pairs_todo, wall_seconds=time.time() - started,
-        prepare_seconds=prepared, store_bytes=prep.cost.store_bytes)
+        prepare_seconds=prepared, store_bytes=prep.cost.store_bytes,
+        predicted_seconds=None if prediction is None or prediction.seconds is None else
+        prediction.made - started - prepared + prediction.seconds)   # the cluster's start and the probes, elapsed
 
 
-def describe_cost(cost: RunCost) -> str:
-    """One line: what the tiles still to compute cost and what the disk holds."""
+def describe_cost(cost: RunCost, prediction: RunPrediction | None = None) -> str:
+    """One line: what the tiles still to compute cost, what the disk holds, and the predicted time."""
     return (f"plan: {cost.tiles_todo:,} of {cost.tiles_total:,} tiles to compute, {cost.pairs_todo:,} pairs; "
             f"store {gib(cost.store_bytes)} when complete, {gib(cost.bytes_todo)} still to write, "
-            f"{gib(cost.free_bytes)} free on its disk")
+            f"{gib(cost.free_bytes)} free on its disk" + ("" if prediction is None else f"; {describe(prediction)}"))
 
 
-def dry_run(config: RunConfig) -> RunCost:
+def dry_run(config: RunConfig, *, recalibrate: bool = False) -> tuple[RunCost, RunPrediction, str | None]:
     """The cost of running `config` now, touching nothing: every planned tile for a new store, the tiles not yet
-    recorded for an existing one (its checksums are not re-read). Loads the data to know the image counts."""
+    recorded for an existing one (its checksums are not re-read), the predicted time (probed here; per worker when
+    the config names a cluster, which is not contacted) and the slow-CPU warning line, or None. Loads the data to
+    know the image counts."""
     exists = check_existing(config.store, config)
     inputs = prepare_inputs(config.data)
-    check_image_shape(config, inputs.images.shape[1:])
+    shape = inputs.images.shape[1:]
+    check_image_shape(config, shape)
     check_tile_size(n_train=inputs.n_train, size=config.tiles.size)
+    planned = plan_tiles(n_train=inputs.n_train, n_test=inputs.n_test, size=config.tiles.size,
+                         test_test=config.data.test_test)
     todo = None
     if exists:
         done, planned = tile_status(config.store)
         todo = [tile for tile in planned if tile not in done]
-    return plan_cost(config, inputs, todo=todo)
+    backend = fit_backend(config, resolve_here(config.backend) if config.backend != "gpu" else "gpu", shape)
+    prediction = predict(config, inputs, planned if todo is None else todo, backend, recalibrate=recalibrate)
+    return plan_cost(config, inputs, todo=todo), prediction, slow_cpu_warning(
+        prediction, gpu_takes_it=gpu_takes(config, shape))
 
 
 def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend: str,
-             pairs_todo: int, progress: bool) -> None:
-    """Submit tiles through a bounded window; stop with a UserError when a tile fails after retries."""
+             pairs_todo: int, progress: bool, eta: Eta) -> None:
+    """Submit tiles through a bounded window; stop with a UserError when a tile fails after retries. The bar's
+    ETA (refreshed every second) is eta's: predicted until a tile finishes, then measured."""
     from distributed import as_completed
 
     threads = sum(client.nthreads().values())
@@ -283,9 +377,24 @@ def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend:
     def submit_next():
         return _submit_tile(client, config, queue.popleft(), backend=backend)
 
+    eta.measured_from = time.time()
     pending = as_completed([submit_next() for _ in range(min(window, len(queue)))])
-    bar = tqdm(total=pairs_todo, unit="pair", unit_scale=True, disable=not progress, dynamic_ncols=True)
     finished = 0
+
+    def postfix() -> str:
+        return f"tiles {finished}/{len(todo)}, {eta.text(bar.n)}"
+
+    bar = tqdm(total=pairs_todo, unit="pair", unit_scale=True, disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
+               postfix=f"tiles 0/{len(todo)}, {eta.text(0)}")   # tqdm's own ETA is left out: eta's replaces it
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.set_postfix_str(postfix())
+
+    if progress:
+        threading.Thread(target=tick, daemon=True).start()
     try:
         for future in pending:
             try:
@@ -302,10 +411,11 @@ def _execute(client, todo: list[tuple[int, int]], *, config: RunConfig, backend:
                                 f"{type(exc).__name__}: {exc}; finished tiles are kept, rerun to resume") from None
             finished += 1
             bar.update(result["pairs"])
-            bar.set_postfix_str(f"tiles {finished}/{len(todo)}")
+            bar.set_postfix_str(postfix())
             if queue:
                 pending.add(submit_next())
     finally:
+        stop.set()
         bar.close()
         for future in list(pending.futures):
             future.cancel()
@@ -325,7 +435,11 @@ def submit(config: RunConfig, *, scheduler: str | None = None, scheduler_file: s
     config = _with_absolute_store(config)
     with connect(**target) as client:
         prep = prepare_run(config)
-        backend = fit_backend(config, _ready_backend(client, config.backend), prep.inputs.images.shape[1:])
+        shape = prep.inputs.images.shape[1:]
+        backend = fit_backend(config, _ready_backend(client, config.backend), shape)
+        if prep.todo:
+            announce(config, prep.cost, predict(config, prep.inputs, prep.todo, backend, client=client), shape,
+                     progress=True)
         futures = [_submit_tile(client, config, tile, backend=backend, key=tile_key(config.store, tile))
                    for tile in prep.todo]
         fire_and_forget(futures)  # closing the client flushes these messages to the scheduler first
